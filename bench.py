@@ -1,0 +1,264 @@
+"""Speed of the s3l pretraining step, measured side by side in one run (see BENCHMARKS.md).
+
+S3L (Cao & Wu 2021, arXiv 2103.13559) saves compute by pretraining at small resolution; this checks that
+our loop keeps that saving. Rows, each for the same model, batch and resolution:
+  floor         forward + backward + SGD step of the method on random views already on the device
+  s3l           our full step: uint8 store -> gather -> two augmented views on the device -> the same step
+  conventional  the official code's way: JPEG decode + per-image PIL augmentation (torchvision 0.7
+                semantics, written with Pillow here) in DataLoader worker processes, then the same step
+  augment       augmentation alone, two views: our batched pipeline vs the per-image PIL one (1 process)
+Columns: images/s (one image = its two views), ratio to the floor, ratio to the conventional pipeline.
+
+  python bench.py                                       ResNet-18, 64 px, batch 128, MoCo/SimCLR/BYOL
+  python bench.py --data data/flowers102 --photo-size 500 375 --input-size 32    CUB-sized photos
+"""
+import argparse
+import math
+import os
+import random
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter
+
+import data
+import models
+import train
+
+# ----- the conventional pipeline: per-image PIL augmentation in worker processes -------------------------
+
+
+def pil_view(img: Image.Image, size: int, rng: random.Random) -> np.ndarray:
+    """One MoCo v2 `--aug-plus` view of a PIL image, image by image as torchvision 0.7 does it (PAPER.md
+    §3.1): RandomResizedCrop -> p 0.8 ColorJitter (random op order) -> p 0.2 grey -> p 0.5 blur -> flip.
+    Returns float32 (3, size, size), normalised."""
+    w, h = img.size
+    for _ in range(10):
+        area = w * h * rng.uniform(0.2, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            break
+    else:
+        cw, ch, left, top = min(w, h), min(w, h), (w - min(w, h)) // 2, (h - min(w, h)) // 2
+    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+    if rng.random() < 0.8:
+        ops = [lambda im: ImageEnhance.Brightness(im).enhance(rng.uniform(0.6, 1.4)),
+               lambda im: ImageEnhance.Contrast(im).enhance(rng.uniform(0.6, 1.4)),
+               lambda im: ImageEnhance.Color(im).enhance(rng.uniform(0.6, 1.4)),
+               lambda im: pil_shift_hue(im, rng.uniform(-0.1, 0.1))]
+        rng.shuffle(ops)
+        for op in ops:
+            img = op(img)
+    if rng.random() < 0.2:
+        img = img.convert("L").convert("RGB")
+    if rng.random() < 0.5:
+        img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = (x - np.array(data.IMAGENET_MEAN, np.float32)) / np.array(data.IMAGENET_STD, np.float32)
+    return x.transpose(2, 0, 1)
+
+
+def pil_shift_hue(img: Image.Image, shift: float) -> Image.Image:
+    """torchvision's PIL adjust_hue: shift the H channel of HSV in uint8 arithmetic."""
+    h, s, v = img.convert("HSV").split()
+    hue = np.asarray(h, dtype=np.uint8)
+    with np.errstate(over="ignore"):
+        hue = hue + np.uint8(int(shift * 255) % 256)
+    return Image.merge("HSV", (Image.fromarray(hue, "L"), s, v)).convert("RGB")
+
+
+class JpegTwoViews(torch.utils.data.Dataset):
+    """Decode a JPEG per item and return its two PIL-augmented views (what the official loaders do)."""
+
+    def __init__(self, paths, size: int, seed: int = 0):
+        self.paths, self.size, self.seed = paths, size, seed
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        rng = random.Random(self.seed * 1_000_003 + i)
+        with Image.open(self.paths[i]) as im:
+            img = im.convert("RGB")
+        return torch.from_numpy(pil_view(img, self.size, rng)), torch.from_numpy(pil_view(img, self.size, rng))
+
+
+# ----- timing ---------------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, n_warmup: int, n_steps: int, batch: int, device) -> float:
+    """Images/s of `step()` over n_steps after n_warmup untimed ones."""
+    for _ in range(n_warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    sync(device)
+    return n_steps * batch / (time.perf_counter() - t0)
+
+
+def make_method(args, name, runtime):
+    targs = argparse.Namespace(method=name, arch=args.arch, conv5=True, small_stem=args.small_stem,
+                               dim=128, batch_size=args.batch_size, moco_k=None, moco_m=None, moco_t=None,
+                               simclr_t=None, simclr_base_t=None, byol_tau=None, byol_hidden_dim=None,
+                               bn_batch=None, lr=None, weight_decay=None, epochs=None, warmup_epochs=None)
+    targs = train.resolve_defaults(targs)
+    if name == "moco":  # the queue takes whole batches
+        targs.moco_k = max(args.batch_size, (targs.moco_k // args.batch_size) * args.batch_size)
+    targs.bn_batch = min(targs.bn_batch, args.batch_size)
+    torch.manual_seed(0)
+    method = train.build_method(targs, train.build_backbone(targs)).to(runtime.device)
+    if runtime.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(method.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4,
+                                foreach=True)
+    model = torch.compile(method) if args.compile else method
+
+    def train_step(view1, view2):
+        with runtime.autocast():
+            loss = model(view1, view2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return train_step
+
+
+def jpeg_files(args) -> list:
+    """The files the conventional pipeline decodes: --data's train split (upscaled to --photo-size once, as
+    JPEG q90, when asked), or generated images written as JPEG."""
+    if args.data is None:
+        root = os.path.join(tempfile.gettempdir(), f"s3l-bench-{args.gen_size}px")
+        images, _ = data.synthetic_dataset(args.images, args.gen_size, seed=0)
+        os.makedirs(root, exist_ok=True)
+        paths = [os.path.join(root, f"{i:05d}.jpg") for i in range(len(images))]
+        for path, img in zip(paths, images):
+            if not os.path.exists(path):
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(path, quality=90)
+        return paths
+    paths = data.list_split(args.data, "train").paths[:args.images]
+    if not args.photo_size:
+        return paths
+    w, h = args.photo_size
+    root = os.path.join(args.cache_dir, f"bench-photos-{w}x{h}")
+    os.makedirs(root, exist_ok=True)
+    out = []
+    for i, path in enumerate(paths):
+        target = os.path.join(root, f"{i:05d}.jpg")
+        if not os.path.exists(target):
+            with Image.open(path) as im:
+                im.convert("RGB").resize((w, h), Image.BICUBIC).save(target, quality=90)
+        out.append(target)
+    return out
+
+
+# ----- the benchmark --------------------------------------------------------------------------------------
+
+def run(args) -> list:
+    runtime = train.setup_device(args.device, args.amp, args.channels_last)
+    print(f"device: {runtime.reason}; {args.arch} small_stem={args.small_stem} at {args.input_size} px, "
+          f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
+    paths = jpeg_files(args)
+    listing = data.Listing(paths, None, [], "bench")
+    size = round(args.input_size * 8 / 7)
+    images, _ = data.load_split(listing, size, args.cache_dir, log=lambda *a: None)
+    store = data.ImageStore(images).to(runtime.device, train.store_bytes_limit(runtime.device))
+    augment = data.SSLAugment(args.input_size)
+    generator = torch.Generator(runtime.device).manual_seed(0)
+    n, bs, dev = len(store), args.batch_size, runtime.device
+    if bs > n:
+        raise SystemExit(f"--batch-size {bs} is larger than the {n} benchmark images: raise --images")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).repeat(64).to(dev)
+    cursor = [0]
+
+    def our_views():
+        start = cursor[0] % (n - bs + 1)
+        cursor[0] += bs
+        x = data.to_float(store.batch(order[start:start + bs], dev))
+        return runtime.prepare(augment(x, generator)), runtime.prepare(augment(x, generator))
+
+    rows = []
+    rate = timed(our_views, args.warmup, args.steps, bs, dev)
+    rows.append(("augment", "s3l batched", rate))
+    rng = random.Random(0)
+    pil_images = []
+    for p in paths[:bs]:
+        with Image.open(p) as im:
+            pil_images.append(im.convert("RGB"))
+    rate = timed(lambda: [pil_view(im, args.input_size, rng) for im in pil_images for _ in (0, 1)],
+                 1, max(1, args.steps // 4), bs, dev)
+    rows.append(("augment", "PIL per image", rate))
+
+    for name in args.methods:
+        step = make_method(args, name, runtime)
+        shape = (bs, 3, args.input_size, args.input_size)
+        r1, r2 = (runtime.prepare(torch.randn(shape, device=dev)) for _ in range(2))
+        floor = timed(lambda: step(r1, r2), args.warmup, args.steps, bs, dev)
+        ours = timed(lambda: step(*our_views()), args.warmup, args.steps, bs, dev)
+        loader = torch.utils.data.DataLoader(JpegTwoViews(paths, args.input_size), batch_size=bs,
+                                             shuffle=True, num_workers=args.workers, drop_last=True,
+                                             persistent_workers=args.workers > 0,
+                                             pin_memory=dev.type == "cuda")
+        batches = iter(_forever(loader))
+
+        def conventional():
+            v1, v2 = next(batches)
+            step(runtime.prepare(v1.to(dev, non_blocking=True)), runtime.prepare(v2.to(dev, non_blocking=True)))
+        conv = timed(conventional, args.warmup, args.steps, bs, dev)
+        rows += [(name, "floor", floor), (name, "s3l", ours), (name, "conventional", conv)]
+        del loader, batches
+    print_table(rows)
+    return rows
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def print_table(rows) -> None:
+    print(f"\n{'method':<10}{'pipeline':<16}{'images/s':>10}{'x floor':>10}{'x conventional':>16}")
+    for method, pipeline, rate in rows:
+        floor = next((r for m, p, r in rows if m == method and p == "floor"), None)
+        conv = next((r for m, p, r in rows if m == method and p == "conventional"), None)
+        if method == "augment":
+            conv = next(r for m, p, r in rows if p == "PIL per image")
+        print(f"{method:<10}{pipeline:<16}{rate:>10.1f}" + (f"{rate / floor:>10.2f}" if floor else f"{'':>10}")
+              + (f"{rate / conv:>16.2f}" if conv else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=train.HelpFormatter)
+    p.add_argument("--arch", choices=sorted(models.ARCHS), default="resnet18")
+    p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 conv1, no max-pool")
+    p.add_argument("--input-size", type=int, default=64, help="training resolution in px")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--methods", nargs="+", choices=["moco", "simclr", "byol"], default=["moco", "simclr", "byol"])
+    p.add_argument("--data", help="an image folder (its train split); default: generated images")
+    p.add_argument("--photo-size", type=int, nargs=2, metavar=("W", "H"),
+                   help="upscale --data images to W x H JPEGs first (e.g. 500 375, CUB-sized photos)")
+    p.add_argument("--images", type=int, default=1024, help="images in the benchmark set")
+    p.add_argument("--gen-size", type=int, default=128, help="size of the generated JPEGs without --data")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the conventional pipeline")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each row")
+    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "s3l"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return p
+
+
+if __name__ == "__main__":
+    run(build_parser().parse_args())

@@ -1,0 +1,621 @@
+"""Specifications of s3l, in the order of the modules: models -> s3l (losses, methods, recipe) -> data ->
+train (command line, checkpoints, bad input). Tiny seeded CPU inputs; oracles are written out naively here.
+
+Run: python -m pytest -q test_s3l.py
+"""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import models
+import s3l
+import train
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ----- models.py ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, params", [("resnet18", 11_689_512), ("resnet34", 21_797_672),
+                                          ("resnet50", 25_557_032)])
+def test_resnet_parameter_counts_equal_torchvision(arch, params):
+    """With a 1000-way fc, every arch has torchvision's parameter count."""
+    assert sum(p.numel() for p in models.ARCHS[arch](1000).parameters()) == params
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize("conv5", [True, False])
+@pytest.mark.parametrize("small_stem", [True, False])
+def test_resnet_output_shapes_for_every_option(arch, conv5, small_stem):
+    """Logits (N, classes) with fc; pooled (N, 256|512 x expansion) features without; any input size."""
+    expansion = 4 if arch == "resnet50" else 1
+    width = (512 if conv5 else 256) * expansion
+    net = models.ARCHS[arch](0, conv5=conv5, small_stem=small_stem).eval()
+    assert net.feature_dim == width
+    assert net(randn(2, 3, 32, 32)).shape == (2, width)
+    assert models.ARCHS[arch](7, conv5=conv5, small_stem=small_stem)(randn(2, 3, 24, 40)).shape == (2, 7)
+    assert ("layer4.0.conv1.weight" in net.state_dict()) == conv5
+
+
+def test_resnet_state_dict_uses_torchvision_names():
+    """Keys a torchvision ResNet-50 has, with their shapes (spot checks of every kind of layer)."""
+    sd = models.resnet50(1000).state_dict()
+    assert sd["conv1.weight"].shape == (64, 3, 7, 7)
+    assert sd["layer1.0.downsample.0.weight"].shape == (256, 64, 1, 1)
+    assert sd["layer1.0.downsample.1.running_var"].shape == (256,)
+    assert sd["layer2.0.conv2.weight"].shape == (128, 128, 3, 3)  # v1.5: the stride sits on this conv
+    assert sd["fc.weight"].shape == (1000, 2048)
+    assert models.resnet18(small_stem=True).state_dict()["conv1.weight"].shape == (64, 3, 3, 3)
+
+
+def test_macs_match_the_paper_table():
+    """PAPER.md §1.2-1.3: R50 4.09 G at 224, 1.08 G at 112; R50 without conv5 3.28 G at 224."""
+    assert models.macs(models.resnet50(), 224) / 1e9 == pytest.approx(4.09, abs=0.01)
+    assert models.macs(models.resnet50(), 112) / 1e9 == pytest.approx(1.08, abs=0.01)
+    assert models.macs(models.resnet50(conv5=False), 224) / 1e9 == pytest.approx(3.28, abs=0.01)
+
+
+# ----- s3l.py: losses -------------------------------------------------------------------------------------
+
+def nt_xent_by_loops(z1, z2, t):
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n2, total = z.shape[0], 0.0
+    for i in range(n2):
+        pos = (i + n2 // 2) % n2
+        num = math.exp(float(z[i] @ z[pos]) / t)
+        den = sum(math.exp(float(z[i] @ z[j]) / t) for j in range(n2) if j != i)
+        total += -math.log(num / den)
+    return total / n2
+
+
+def test_nt_xent_equals_explicit_double_loop():
+    """nt_xent == SimCLR Eq. 1 evaluated anchor by anchor (2N - 2 negatives each, mean over 2N)."""
+    z1, z2 = randn(4, 8, seed=1), randn(4, 8, seed=2)
+    assert float(s3l.nt_xent(z1, z2, 0.5)) == pytest.approx(nt_xent_by_loops(z1, z2, 0.5), rel=1e-5)
+
+
+def test_nt_xent_falls_as_the_two_views_align():
+    """Moving view 2 toward view 1 lowers the loss monotonically."""
+    z1, noise = randn(8, 16, seed=3), randn(8, 16, seed=4)
+    losses = [float(s3l.nt_xent(z1, z1 + a * noise, 0.2)) for a in (4.0, 1.0, 0.3, 0.0)]
+    assert losses == sorted(losses, reverse=True) and losses[0] > losses[-1] + 1
+
+
+def test_info_nce_equals_the_formula_row_by_row():
+    """MoCo Eq. 1: -log exp(q.k+/t) / (exp(q.k+/t) + sum_queue exp(q.k-/t)), mean over queries."""
+    q, k = randn(3, 8, seed=5), randn(3, 8, seed=6)
+    queue = F.normalize(randn(8, 5, seed=7), dim=0)
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    expected = 0.0
+    for i in range(3):
+        pos = math.exp(float(qn[i] @ kn[i]) / 0.2)
+        neg = sum(math.exp(float(qn[i] @ queue[:, j]) / 0.2) for j in range(5))
+        expected += -math.log(pos / (pos + neg)) / 3
+    assert float(s3l.info_nce(q, k, queue, 0.2)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_byol_loss_is_zero_for_identical_directions_and_four_for_opposite():
+    """2 - 2 cos: 0 when p and z point the same way (any lengths), 4 when opposite."""
+    p = randn(5, 8)
+    assert float(s3l.byol_loss(p, 3 * p)) == pytest.approx(0.0, abs=1e-6)
+    assert float(s3l.byol_loss(p, -p)) == pytest.approx(4.0, abs=1e-6)
+
+
+def test_momentum_update_is_exactly_the_ema():
+    """target <- m target + (1 - m) online, parameter by parameter."""
+    online, target = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    before = [p.clone() for p in target.parameters()]
+    s3l.momentum_update_(target, online, 0.9)
+    for t, b, o in zip(target.parameters(), before, online.parameters()):
+        assert torch.allclose(t, 0.9 * b + 0.1 * o, atol=1e-7)
+
+
+# ----- s3l.py: heads, split BN, methods -------------------------------------------------------------------
+
+def test_split_batchnorm_equals_batchnorm_per_group():
+    """Group s (images s, s+G, ...) is normalised with its own statistics; running stats are the mean."""
+    x = randn(8, 3, 4, 4) * 2 + 1
+    split = s3l.SplitBatchNorm(3, num_splits=2).train()
+    y = split(x)
+    for s in range(2):
+        ref = F.batch_norm(x[s::2], None, None, training=True)
+        assert torch.allclose(y[s::2], ref, atol=1e-5)
+    group_means = torch.stack([x[s::2].mean(dim=(0, 2, 3)) for s in range(2)]).mean(0)
+    assert torch.allclose(split.running_mean, 0.1 * group_means, atol=1e-6)
+    assert torch.allclose(split.eval()(x), F.batch_norm(x, split.running_mean, split.running_var), atol=1e-6)
+
+
+def tiny_moco(k=8, m=0.9):
+    torch.manual_seed(0)
+    return s3l.MoCo(models.resnet18(), dim=4, moco_k=k, moco_m=m, moco_t=0.2, bn_splits=2)
+
+
+def test_moco_queue_is_fifo():
+    """Keys enter the queue as normalised columns in arrival order, the oldest overwritten first."""
+    moco = tiny_moco(k=8)
+    batches = [randn(4, 4, seed=s) for s in range(3)]  # 3 batches of 4 into a queue of 8
+    for k in batches:
+        moco._dequeue_and_enqueue(k)
+    assert int(moco.queue_ptr) == 4
+    assert torch.allclose(moco.queue[:, 0:4].T, F.normalize(batches[2], dim=1), atol=1e-6)
+    assert torch.allclose(moco.queue[:, 4:8].T, F.normalize(batches[1], dim=1), atol=1e-6)
+
+
+def test_moco_forward_enqueues_one_batch_of_keys_after_the_loss():
+    """A forward uses the queue as it was, then replaces exactly the next N columns."""
+    moco = tiny_moco(k=8)
+    before = moco.queue.clone()
+    moco(randn(4, 3, 16, 16), randn(4, 3, 16, 16, seed=1))
+    assert torch.equal(moco.queue[:, 4:], before[:, 4:]) and not torch.allclose(moco.queue[:, :4],
+                                                                               before[:, :4])
+    assert int(moco.queue_ptr) == 4
+
+
+def test_moco_key_encoder_moves_by_exactly_the_ema_before_the_keys():
+    """One forward: encoder_k <- m encoder_k + (1 - m) encoder_q (parameters), then keys are computed."""
+    moco = tiny_moco(m=0.9)
+    with torch.no_grad():
+        for p in moco.encoder_q.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    q_params = [p.clone() for p in moco.encoder_q.parameters()]
+    k_params = [p.clone() for p in moco.encoder_k.parameters()]
+    moco(randn(4, 3, 16, 16), randn(4, 3, 16, 16, seed=1))
+    for k_new, k_old, q in zip(moco.encoder_k.parameters(), k_params, q_params):
+        assert torch.allclose(k_new, 0.9 * k_old + 0.1 * q, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["moco", "simclr", "byol"])
+def test_every_method_returns_a_finite_loss_that_trains_the_backbone(method):
+    """forward(view1, view2) -> scalar; a backward step changes the backbone's conv1 (gradients flow)."""
+    torch.manual_seed(0)
+    kwargs = dict(moco=dict(moco_k=8), simclr={}, byol=dict(hidden_dim=32))[method]
+    model = s3l.METHODS[method](models.resnet18(), dim=8, bn_splits=2, **kwargs)
+    before = model.backbone.conv1.weight.clone()
+    loss = model(randn(4, 3, 16, 16), randn(4, 3, 16, 16, seed=1))
+    assert loss.shape == () and torch.isfinite(loss)
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.equal(before, model.backbone.conv1.weight)
+
+
+# ----- data.py: augmentation ------------------------------------------------------------------------------
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_random_resized_crop_boxes_stay_inside_and_respect_scale_and_ratio():
+    """Every box lies inside the image; area/ratio are within range whenever an attempt fitted."""
+    boxes = data.random_resized_crop_boxes(2000, 40, 30, (0.2, 1.0), (3 / 4, 4 / 3), gen())
+    top, left, h, w = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 40).all() and (left + w <= 30).all()
+    assert (h >= 1).all() and (w >= 1).all()
+    assert ((h * w) / 1200 >= 0.2 - 0.05).all()
+    assert len(set(map(tuple, boxes.tolist()))) > 1000  # per-image parameters, not one per batch
+
+
+def test_crop_with_scale_one_and_ratio_one_is_the_identity_resize():
+    """RRC(scale (1, 1), ratio (1, 1)) of a square image = the whole image resized (= itself at same size)."""
+    x = torch.rand(3, 3, 20, 20, generator=gen())
+    boxes = data.random_resized_crop_boxes(3, 20, 20, (1.0, 1.0), (1.0, 1.0), gen())
+    assert torch.equal(boxes, torch.tensor([[0.0, 0.0, 20.0, 20.0]] * 3))
+    assert torch.allclose(data.crop_resize(x, boxes, 20), x, atol=1e-5)
+    resized = F.interpolate(x, size=(12, 12), mode="bilinear", align_corners=False)
+    assert torch.allclose(data.crop_resize(x, boxes, 12), resized, atol=1e-5)
+    assert torch.allclose(data.crop_resize(x, boxes, 20, flip=torch.ones(3, dtype=torch.bool)),
+                          x.flip(-1), atol=1e-5)
+
+
+def test_every_augmentation_keeps_shape_and_range_and_varies_per_image():
+    """Each op maps (N, 3, H, W) in [0, 1] to the same shape in [0, 1]; images get different parameters."""
+    x = torch.rand(1, 3, 16, 16, generator=gen()).expand(64, 3, 16, 16).contiguous()  # 64 copies of one image: differences come from params
+    ops = {"jitter": lambda t: data.color_jitter(t, 0.4, 0.4, 0.4, 0.1, 1.0, gen(1)),
+           "grayscale": lambda t: data.random_grayscale(t, 0.5, gen(2)),
+           "blur": lambda t: data.gaussian_blur(t, (0.1, 2.0), 0.5, gen(3)),
+           "solarize": lambda t: data.solarize(t, 0.5, gen(4))}
+    for name, op in ops.items():
+        y = op(x)
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1 + 1e-6, name
+        distinct = len({tuple(v.flatten()[:20].tolist()) for v in y.round(decimals=4)})
+        assert distinct >= (32 if name == "jitter" else 2), name
+
+
+def test_ssl_augment_produces_normalised_views_of_the_requested_size():
+    """Full pipeline: uint8 store (N, 3, S, S) -> (N, 3, input_size, input_size), two views differ."""
+    imgs = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8, generator=gen())
+    aug = data.SSLAugment(16)
+    g = gen(5)
+    v1, v2 = aug(data.to_float(imgs), g), aug(data.to_float(imgs), g)
+    assert v1.shape == (8, 3, 16, 16) and not torch.allclose(v1, v2)
+    lo = (0 - max(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
+    hi = (1 - min(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
+    assert v1.min() >= lo - 1e-5 and v1.max() <= hi + 1e-5
+
+
+def test_hue_shift_matches_colorsys():
+    """The batched RGB->HSV->RGB hue shift equals Python's colorsys pixel by pixel."""
+    import colorsys
+    x = torch.rand(2, 3, 3, 3, generator=gen())
+    y = data._shift_hue(x, torch.tensor([0.1, -0.07]).view(2, 1, 1, 1))
+    for n, shift in enumerate((0.1, -0.07)):
+        for i in range(3):
+            for j in range(3):
+                h, s, v = colorsys.rgb_to_hsv(*x[n, :, i, j].tolist())
+                ref = colorsys.hsv_to_rgb((h + shift) % 1, s, v)
+                assert torch.allclose(y[n, :, i, j], torch.tensor(ref), atol=1e-5)
+
+
+def test_blur_with_zero_probability_is_exact_identity_and_blur_keeps_the_mean():
+    x = torch.rand(4, 3, 12, 12, generator=gen())
+    assert torch.equal(data.gaussian_blur(x, (0.1, 2.0), 0.0, gen()), x)
+    flat = torch.full((2, 3, 12, 12), 0.3)
+    assert torch.allclose(data.gaussian_blur(flat, (1.0, 2.0), 1.0, gen()), flat, atol=1e-6)
+
+
+# ----- data.py: readers, decoding, cache, bad input -------------------------------------------------------
+
+def write_image(path, size=(24, 20), mode="RGB", seed=0, fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).convert(mode).save(path, format=fmt)
+    return path
+
+
+def make_folder(root, classes=2, per_class=8, size=(24, 20), split="train"):
+    for c in range(classes):
+        for i in range(per_class):
+            write_image(os.path.join(root, split, f"class{c}", f"img{i}.png"), size, seed=c * 100 + i)
+    return str(root)
+
+
+def test_image_folder_classes_are_sorted_and_labels_follow(tmp_path):
+    for cls in ("b", "a", "c"):
+        write_image(str(tmp_path / "train" / cls / "x.jpg"))
+    listing = data.list_split(str(tmp_path), "train")
+    assert listing.classes == ["a", "b", "c"] and listing.labels == [0, 1, 2]
+
+
+def test_flat_folder_is_unlabeled_and_root_itself_is_the_train_split(tmp_path):
+    for i in range(3):
+        write_image(str(tmp_path / f"{i}.png"))
+    listing = data.list_split(str(tmp_path), "train")
+    assert listing.labels is None and len(listing.paths) == 3
+
+
+def test_cub_official_layout_splits_by_is_training_image(tmp_path):
+    """images.txt + train_test_split.txt (1 = train) + image_class_labels.txt (1-based)."""
+    rows = [(1, "001.A/a1.jpg", 1, 1), (2, "001.A/a2.jpg", 0, 1), (3, "002.B/b1.jpg", 1, 2)]
+    for i, rel, _, _ in rows:
+        write_image(str(tmp_path / "images" / rel), seed=i)
+    (tmp_path / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel, _, _ in rows))
+    (tmp_path / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, t, _ in rows))
+    (tmp_path / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, _, c in rows))
+    (tmp_path / "classes.txt").write_text("1 001.A\n2 002.B\n")
+    train_split, test_split = data.list_split(str(tmp_path), "train"), data.list_split(str(tmp_path), "test")
+    assert [os.path.basename(p) for p in train_split.paths] == ["a1.jpg", "b1.jpg"]
+    assert train_split.labels == [0, 1] and test_split.labels == [0]
+    assert train_split.classes == ["001.A", "002.B"] and data.default_eval_split(str(tmp_path)) == "test"
+
+
+def test_missing_and_empty_folders_raise_errors_that_name_them(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        data.list_split(str(tmp_path / "nope"), "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        data.list_split(str(tmp_path / "empty"), "train")
+    (tmp_path / "labelled" / "train" / "cat").mkdir(parents=True)
+    write_image(str(tmp_path / "labelled" / "train" / "dog" / "x.png"))
+    with pytest.raises(ValueError, match="cat has no images"):
+        data.list_split(str(tmp_path / "labelled"), "train")
+
+
+def test_decoding_handles_every_image_mode(tmp_path):
+    """CMYK, 16-bit grey, palette, alpha and tiny images all decode to RGB uint8 (3, S, S) correctly."""
+    red = Image.new("RGB", (10, 8), (255, 0, 0))
+    red.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    Image.fromarray(np.full((8, 10), 65535 // 2, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    red.convert("P").save(tmp_path / "palette.png")
+    Image.new("RGBA", (10, 8), (0, 0, 255, 0)).save(tmp_path / "alpha.png")
+    Image.new("RGB", (3, 2), (0, 255, 0)).save(tmp_path / "tiny.png")
+    out = {name: data.decode_image(str(tmp_path / name), 16) for name in
+           ("cmyk.jpg", "grey16.png", "palette.png", "alpha.png", "tiny.png")}
+    assert all(v.shape == (3, 16, 16) and v.dtype == np.uint8 for v in out.values())
+    assert out["cmyk.jpg"][0].mean() > 240 and out["cmyk.jpg"][1:].mean() < 15
+    assert abs(int(out["grey16.png"].mean()) - 127) <= 1  # scaled from 16 bits, not clipped to 255
+    assert out["palette.png"][0].min() > 240
+    assert out["alpha.png"].min() == 255  # fully transparent: the white background, not hidden blue
+    assert (out["tiny.png"][1] == 255).all()  # upscaled so every crop fits
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (20, 10), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 10, 10))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display: the white half goes to the top
+    img.save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    out = data.decode_image(str(tmp_path / "rot.jpg"), 10)  # displayed 10 x 20, centre 10 x 10 crop
+    assert out[:, :4].mean() > 200 and out[:, 6:].mean() < 50  # white on top, not on the left
+
+
+def test_unreadable_files_are_skipped_with_a_count_and_non_images_ignored(tmp_path, capsys):
+    root = make_folder(tmp_path, classes=1, per_class=3)
+    good = os.path.join(root, "train", "class0")
+    with open(os.path.join(good, "img0.png"), "rb") as f:
+        blob = f.read()
+    with open(os.path.join(good, "truncated.png"), "wb") as f:
+        f.write(blob[: len(blob) // 2])
+    with open(os.path.join(good, "text.jpg"), "w") as f:
+        f.write("not an image")
+    with open(os.path.join(good, "notes.txt"), "w") as f:
+        f.write("ignored by extension")
+    listing = data.list_split(root, "train")
+    assert len(listing.paths) == 5  # .txt is not listed
+    images, kept = data.load_split(listing, 16, str(tmp_path / "cache"))
+    assert len(kept) == 3 and images.shape == (3, 3, 16, 16)
+    assert "skipped 2 unreadable of 5" in capsys.readouterr().out
+
+
+def test_disk_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path, capsys):
+    root = make_folder(tmp_path, classes=1, per_class=3)
+    cache = str(tmp_path / "cache")
+    first, _ = data.load_split(data.list_split(root, "train"), 16, cache)
+    assert "decoded 3 images" in capsys.readouterr().out
+    again, _ = data.load_split(data.list_split(root, "train"), 16, cache)
+    assert "from cache" in capsys.readouterr().out and np.array_equal(first, again)
+    path = data.list_split(root, "train").paths[0]
+    Image.new("RGB", (24, 20), (7, 7, 7)).save(path)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    changed, _ = data.load_split(data.list_split(root, "train"), 16, cache)
+    assert "decoded 3 images" in capsys.readouterr().out
+    assert (changed[0] == 7).all() and not np.array_equal(changed, first)
+
+
+def test_store_gathers_batches_from_memory_and_from_the_memmap_alike(tmp_path):
+    root = make_folder(tmp_path, classes=2, per_class=4)
+    listing = data.list_split(root, "train")
+    images, _ = data.load_split(listing, 16, str(tmp_path / "cache"))
+    on_disk = data.ImageStore(images, listing.labels).to(torch.device("cpu"), max_bytes=0)
+    in_memory = data.ImageStore(images, listing.labels).to(torch.device("cpu"), max_bytes=1 << 30)
+    assert isinstance(on_disk.images, np.ndarray) and isinstance(in_memory.images, torch.Tensor)
+    idx = torch.tensor([5, 0, 3])
+    assert torch.equal(on_disk.batch(idx, torch.device("cpu")), in_memory.batch(idx, torch.device("cpu")))
+
+
+def test_builtin_dataset_is_deterministic_and_balanced():
+    a, la = data.synthetic_dataset(40, 16, seed=3)
+    b, lb = data.synthetic_dataset(40, 16, seed=3)
+    assert torch.equal(a, b) and torch.equal(la, lb) and a.dtype == torch.uint8
+    assert torch.bincount(la).tolist() == [4] * len(data.SHAPES)
+
+
+# ----- train.py: the command line, checkpoints, bad input -------------------------------------------------
+
+def pretrain_argv(root, save_dir, *extra):
+    return ["pretrain", "--data", root, "--arch", "resnet18", "--input-size", "16", "--epochs", "2",
+            "--batch-size", "8", "--moco-k", "16", "--bn-batch", "4", "--save-dir", str(save_dir),
+            "--cache-dir", os.path.join(os.path.dirname(str(save_dir)), "cache"), "--print-freq", "1",
+            *extra]
+
+
+def test_pretrain_cli_smoke_writes_a_self_describing_run_folder(tmp_path):
+    """Two epochs of MoCo on generated images: checkpoint, config.json, log.jsonl, summary.json, kNN."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    make_folder(tmp_path / "data", classes=2, per_class=4, split="val")
+    train.main(pretrain_argv(root, tmp_path / "run", "--knn-every", "1"))
+    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    assert [r["epoch"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    assert 0 <= summary["knn_top1"] <= 100 and summary["macs_per_image"] > 0
+    assert config["moco_t"] == 0.2 and config["lr"] == 0.03  # the method's paper defaults filled in
+    assert os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
+def test_resumed_run_reaches_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    """Resuming from the epoch-1 checkpoint reproduces the 2-epoch run exactly (model, queue, optimizer)."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    train.main(pretrain_argv(root, tmp_path / "full", "--save-every", "1"))
+    train.main(pretrain_argv(root, tmp_path / "resumed", "--resume",
+                             str(tmp_path / "full" / "checkpoint_0001.pt")))
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["model"]
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "64"], "larger than the training split"),
+    (["--moco-k", "20"], "not divisible by --batch-size"),
+    (["--bn-batch", "3"], "not a multiple of --bn-batch"),
+])
+def test_bad_pretrain_arguments_fail_before_any_work(tmp_path, extra, message):
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    with pytest.raises(SystemExit, match=message):
+        train.main(pretrain_argv(root, tmp_path / "run", *extra))
+    assert not os.path.exists(tmp_path / "run" / "log.jsonl")
+
+
+def test_unknown_arch_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["pretrain", "--arch", "resnet9"])
+    assert "invalid choice: 'resnet9'" in capsys.readouterr().err
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        train.main(pretrain_argv(str(tmp_path / "nowhere"), tmp_path / "run"))
+
+
+# ----- the S3L recipe: fine-tuning, warm-up, linear probe, subsets, export --------------------------------
+
+def test_mixup_mixes_images_and_losses_with_the_same_lambda_and_permutation():
+    """x_mix = lam x + (1 - lam) x[perm]; the loss is lam CE(y) + (1 - lam) CE(y[perm]) with that lam/perm."""
+    torch.manual_seed(0)
+    x, y = randn(6, 3, 4, 4), torch.arange(6)
+    mixed, y_a, y_b, lam = s3l.mixup(x, y, alpha=1.0)
+    perm = y_b  # labels are the indices, so y[perm] reveals the permutation
+    assert 0 <= lam <= 1 and torch.equal(y_a, y) and sorted(perm.tolist()) == list(range(6))
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm], atol=1e-6)
+    logits = randn(6, 6, seed=1)
+    expected = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+    assert torch.allclose(s3l.mixup_loss(logits, y_a, y_b, lam), expected)
+
+
+def test_subsets_are_reproducible_from_the_seed_and_honour_their_counts():
+    labels = [i % 5 for i in range(100)]  # 5 classes x 20
+    per_class = data.subset_indices(labels, "per-class=3", seed=1)
+    assert per_class == data.subset_indices(labels, "per-class=3", seed=1)
+    assert per_class != data.subset_indices(labels, "per-class=3", seed=2)
+    assert sorted(np.bincount([labels[i] for i in per_class]).tolist()) == [3] * 5
+    assert len(set(data.subset_indices(labels, "total=17", seed=1))) == 17
+    chosen = data.subset_indices(labels, "classes=2,total=10", seed=1)
+    assert len(chosen) == 10 and len({labels[i] for i in chosen}) == 2
+    with pytest.raises(ValueError, match="larger than the split"):
+        data.subset_indices(labels, "total=101", seed=1)
+    with pytest.raises(ValueError, match="has only 20 images"):
+        data.subset_indices(labels, "per-class=21", seed=1)
+
+
+def test_load_backbone_names_missing_and_unexpected_keys_instead_of_loading_in_part():
+    r50 = s3l.backbone_state(models.resnet50().state_dict())
+    with pytest.raises(ValueError, match=r"missing keys: .*unexpected keys: layer1.0.conv3.weight"):
+        s3l.load_backbone(models.resnet18(), r50)
+
+
+def test_backbone_state_strips_official_moco_and_byol_prefixes():
+    """PAPER.md §8: module.encoder_q.* (MoCo/SimCLR DDP), encoder_q.* (BYOL); heads and queue dropped."""
+    sd = models.resnet18().state_dict()
+    official = {f"module.encoder_q.{k}": v for k, v in sd.items()}
+    official.update({"module.encoder_q.fc.0.weight": torch.zeros(2, 2), "module.queue": torch.zeros(2, 2),
+                     "module.encoder_k.conv1.weight": torch.zeros(1)})
+    assert s3l.backbone_state(official).keys() == sd.keys()
+    byol = {f"encoder_q.{k}": v for k, v in sd.items()} | {"projector.net.0.weight": torch.zeros(1)}
+    assert s3l.backbone_state(byol).keys() == sd.keys()
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+    """A tiny MoCo run without conv5 (the small architecture) and one with it, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    root = make_folder(tmp / "data", classes=2, per_class=8)
+    make_folder(tmp / "data", classes=2, per_class=4, split="val")
+    train.main(pretrain_argv(root, tmp / "small", "--no-conv5", "--epochs", "1"))
+    train.main(pretrain_argv(root, tmp / "full", "--epochs", "1"))
+    return tmp, root
+
+
+def stage_argv(command, root, tmp, save, *extra):
+    return [command, "--data", root, "--input-size", "16", "--epochs", "1", "--batch-size", "8",
+            "--cache-dir", str(tmp / "cache"), "--save-dir", str(tmp / save), "--print-freq", "1", *extra]
+
+
+def test_warmup_trains_only_conv5_and_fc(pretrained_run):
+    """conv1-4 come from the small-architecture checkpoint and stay bit-identical; layer4 and fc move."""
+    tmp, root = pretrained_run
+    train.main(stage_argv("warmup-conv5", root, tmp, "warmup", "--pretrained", str(tmp / "small" /
+                                                                                   "checkpoint.pt"),
+                          "--frozen-bn-eval"))
+    ssl = s3l.backbone_state(torch.load(tmp / "small" / "checkpoint.pt", weights_only=True)["model"])
+    warm = torch.load(tmp / "warmup" / "checkpoint.pt", weights_only=True)["model"]
+    for key, value in ssl.items():
+        assert torch.equal(warm[key], value), key  # weights and, with --frozen-bn-eval, BN statistics
+    torch.manual_seed(0)  # the warm-up's own initialisation (--seed 0): layer4 must have moved from it
+    fresh = models.resnet18(num_classes=2).state_dict()
+    assert all(not torch.equal(warm[k], fresh[k]) for k in warm if k.startswith("layer4.") and
+               k.endswith("conv1.weight"))
+
+
+def test_linear_probe_leaves_the_backbone_bit_identical(pretrained_run):
+    tmp, root = pretrained_run
+    ckpt = str(tmp / "full" / "checkpoint.pt")
+    train.main(stage_argv("linear", root, tmp, "linear", "--pretrained", ckpt, "--epochs", "2", "--augment"))
+    ssl = s3l.backbone_state(torch.load(ckpt, weights_only=True)["model"])
+    probe = torch.load(tmp / "linear" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(probe[k], v) for k, v in ssl.items())
+    assert probe["fc.weight"].shape == (2, 512)
+
+
+def test_init_from_loads_every_weight_of_the_earlier_stage(pretrained_run, monkeypatch):
+    """Multi-stage resolution: stage 2 starts from all of stage 1's weights, queue included."""
+    tmp, root = pretrained_run
+    loaded = {}
+    original = train.init_from
+
+    def spy(method, args):
+        stages = original(method, args)
+        loaded.update({k: v.clone() for k, v in method.state_dict().items()})
+        return stages
+    monkeypatch.setattr(train, "init_from", spy)
+    train.main(pretrain_argv(root, tmp / "stage2", "--input-size", "24", "--epochs", "1", "--init-from",
+                             str(tmp / "full" / "checkpoint.pt")))
+    stage1 = torch.load(tmp / "full" / "checkpoint.pt", weights_only=True)["model"]
+    assert loaded.keys() == stage1.keys() and all(torch.equal(loaded[k], stage1[k]) for k in stage1)
+    summary = json.load(open(tmp / "stage2" / "summary.json"))
+    assert [s["input_size"] for s in summary["stages"]] == [16, 24]
+
+
+def test_exported_backbone_loads_strictly_and_gives_identical_outputs(pretrained_run):
+    tmp, _ = pretrained_run
+    ckpt = tmp / "small" / "checkpoint.pt"
+    train.main(["export", str(ckpt), str(tmp / "export.pt")])
+    fresh = models.resnet18(conv5=False).eval()
+    fresh.load_state_dict(torch.load(tmp / "export.pt", weights_only=True), strict=True)
+    moco = s3l.MoCo(models.resnet18(conv5=False), dim=128, moco_k=16, bn_splits=2)
+    moco.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    x = randn(2, 3, 32, 32)
+    assert torch.equal(fresh.forward_features(x), moco.encoder_q.eval().forward_features(x))
+
+
+def test_wrong_architecture_checkpoint_fails_with_what_was_expected_and_found(pretrained_run):
+    tmp, root = pretrained_run
+    with pytest.raises(SystemExit, match="holds a resnet18 backbone .* but --arch resnet50 was asked"):
+        train.main(stage_argv("finetune", root, tmp, "wrong", "--pretrained",
+                              str(tmp / "full" / "checkpoint.pt"), "--arch", "resnet50"))
+    (tmp / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        train.main(stage_argv("finetune", root, tmp, "wrong", "--pretrained", str(tmp / "corrupt.pt")))
+
+
+def test_finetune_reports_final_and_best_epoch_and_writes_the_subset_list(pretrained_run):
+    tmp, root = pretrained_run
+    train.main(stage_argv("finetune", root, tmp, "ft", "--pretrained", str(tmp / "full" / "checkpoint.pt"),
+                          "--epochs", "2", "--subset", "per-class=4"))
+    summary = json.load(open(tmp / "ft" / "summary.json"))
+    assert summary["test_top1_final"] is not None and summary["best_epoch"] in (1, 2)
+    assert len(open(tmp / "ft" / "subset.txt").read().split()) == 8
+    assert [s["command"] for s in summary["stages"]] == ["pretrain", "finetune"]
+
+
+def test_a_class_missing_in_the_test_split_is_a_clear_error(tmp_path):
+    root = make_folder(tmp_path / "data", classes=3, per_class=2)
+    make_folder(tmp_path / "data", classes=2, per_class=2, split="val")
+    with pytest.raises(SystemExit, match=r"missing \['class2'\]"):
+        train.main(stage_argv("finetune", root, tmp_path, "ft", "--arch", "resnet18"))
+
+
+# ----- bench.py -------------------------------------------------------------------------------------------
+
+def test_bench_prints_every_row_with_positive_finite_rates(tmp_path, capsys):
+    import bench
+    args = bench.build_parser().parse_args(
+        ["--input-size", "16", "--batch-size", "8", "--images", "16", "--gen-size", "24", "--steps", "1",
+         "--warmup", "1", "--workers", "1", "--methods", "moco", "simclr", "byol", "--cache-dir",
+         str(tmp_path)])
+    rows = bench.run(args)
+    expected = [("augment", "s3l batched"), ("augment", "PIL per image")] + [
+        (m, p) for m in ("moco", "simclr", "byol") for p in ("floor", "s3l", "conventional")]
+    assert [(m, p) for m, p, _ in rows] == expected
+    assert all(math.isfinite(rate) and rate > 0 for _, _, rate in rows)
+    printed = capsys.readouterr().out
+    assert all(f"{m:<10}{p:<16}" in printed for m, p in expected)
