@@ -1,15 +1,20 @@
 """Speed of the s3l pretraining step, measured side by side in one run (see BENCHMARKS.md).
 
-S3L (Cao & Wu 2021, arXiv 2103.13559) saves compute by pretraining at small resolution; this checks that
-our loop keeps that saving. Rows, each for the same model, batch and resolution:
+S3L (Cao & Wu 2021, arXiv 2103.13559) saves compute by pretraining at small resolution; this checks
+that our loop keeps that saving. Rows, each for the same model, batch and resolution:
   floor         forward + backward + SGD step of the method on random views already on the device
-  s3l           our full step: uint8 store -> gather -> two augmented views on the device -> the same step
+  s3l           our full step: uint8 store -> gather -> two augmented views on the device -> the
+                same step
   conventional  the official code's way: JPEG decode + per-image PIL augmentation (torchvision 0.7
-                semantics, written with Pillow here) in DataLoader worker processes, then the same step
-  augment       augmentation alone, two views: our batched pipeline vs the per-image PIL one (1 process)
-Columns: images/s (one image = its two views), ratio to the floor, ratio to the conventional pipeline.
+                semantics, written with Pillow here) in DataLoader worker processes, then the same
+                step
+  augment       augmentation alone, two views: our batched pipeline vs the per-image PIL one (1
+                process)
+Columns: images/s (one image = its two views), ratio to the floor, ratio to the conventional
+pipeline.
 
-  python bench.py                                       ResNet-18, 64 px, batch 128, MoCo/SimCLR/BYOL
+  python bench.py                                       ResNet-18, 64 px, batch 128,
+  MoCo/SimCLR/BYOL
   python bench.py --data data/flowers102 --photo-size 500 375 --input-size 32    CUB-sized photos
 """
 import argparse
@@ -25,15 +30,18 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 import data
 import models
+import s3l
 import train
 
-# ----- the conventional pipeline: per-image PIL augmentation in worker processes -------------------------
+METHODS = tuple(s3l.METHODS)  # moco, simclr, byol
+
+# ----- the conventional pipeline: per-image PIL augmentation in worker processes ------------------
 
 
 def pil_view(img: Image.Image, size: int, rng: random.Random) -> np.ndarray:
-    """One MoCo v2 `--aug-plus` view of a PIL image, image by image as torchvision 0.7 does it (PAPER.md
-    §3.1): RandomResizedCrop -> p 0.8 ColorJitter (random op order) -> p 0.2 grey -> p 0.5 blur -> flip.
-    Returns float32 (3, size, size), normalised."""
+    """One MoCo v2 `--aug-plus` view of a PIL image, image by image as torchvision 0.7 does it
+    (PAPER.md §3.1): RandomResizedCrop -> p 0.8 ColorJitter (random op order) -> p 0.2 grey -> p 0.5
+    blur -> flip. Returns float32 (3, size, size), normalised."""
     w, h = img.size
     for _ in range(10):
         area = w * h * rng.uniform(0.2, 1.0)
@@ -74,7 +82,8 @@ def pil_shift_hue(img: Image.Image, shift: float) -> Image.Image:
 
 
 class JpegTwoViews(torch.utils.data.Dataset):
-    """Decode a JPEG per item and return its two PIL-augmented views (what the official loaders do)."""
+    """Decode a JPEG per item and return its two PIL-augmented views (what the official loaders
+    do)."""
 
     def __init__(self, paths, size: int, seed: int = 0):
         self.paths, self.size, self.seed = paths, size, seed
@@ -86,10 +95,11 @@ class JpegTwoViews(torch.utils.data.Dataset):
         rng = random.Random(self.seed * 1_000_003 + i)
         with Image.open(self.paths[i]) as im:
             img = im.convert("RGB")
-        return torch.from_numpy(pil_view(img, self.size, rng)), torch.from_numpy(pil_view(img, self.size, rng))
+        views = [torch.from_numpy(pil_view(img, self.size, rng)) for _ in range(2)]
+        return views[0], views[1]
 
 
-# ----- timing ---------------------------------------------------------------------------------------------
+# ----- timing -------------------------------------------------------------------------------------
 
 def sync(device):
     if device.type == "cuda":
@@ -109,10 +119,11 @@ def timed(step, n_warmup: int, n_steps: int, batch: int, device) -> float:
 
 
 def make_method(args, name, runtime):
+    unset = dict.fromkeys(["moco_k", "moco_m", "moco_t", "simclr_t", "simclr_base_t", "byol_tau",
+                           "byol_hidden_dim", "bn_batch", "lr", "weight_decay", "epochs",
+                           "warmup_epochs"])
     targs = argparse.Namespace(method=name, arch=args.arch, conv5=True, small_stem=args.small_stem,
-                               dim=128, batch_size=args.batch_size, moco_k=None, moco_m=None, moco_t=None,
-                               simclr_t=None, simclr_base_t=None, byol_tau=None, byol_hidden_dim=None,
-                               bn_batch=None, lr=None, weight_decay=None, epochs=None, warmup_epochs=None)
+                               dim=128, batch_size=args.batch_size, **unset)
     targs = train.resolve_defaults(targs)
     if name == "moco":  # the queue takes whole batches
         targs.moco_k = max(args.batch_size, (targs.moco_k // args.batch_size) * args.batch_size)
@@ -135,8 +146,8 @@ def make_method(args, name, runtime):
 
 
 def jpeg_files(args) -> list:
-    """The files the conventional pipeline decodes: --data's train split (upscaled to --photo-size once, as
-    JPEG q90, when asked), or generated images written as JPEG."""
+    """The files the conventional pipeline decodes: --data's train split (upscaled to --photo-size
+    once, as JPEG q90, when asked), or generated images written as JPEG."""
     if args.data is None:
         root = os.path.join(tempfile.gettempdir(), f"s3l-bench-{args.gen_size}px")
         images, _ = data.synthetic_dataset(args.images, args.gen_size, seed=0)
@@ -162,12 +173,12 @@ def jpeg_files(args) -> list:
     return out
 
 
-# ----- the benchmark --------------------------------------------------------------------------------------
+# ----- the benchmark ------------------------------------------------------------------------------
 
 def run(args) -> list:
     runtime = train.setup_device(args.device, args.amp, args.channels_last)
-    print(f"device: {runtime.reason}; {args.arch} small_stem={args.small_stem} at {args.input_size} px, "
-          f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
+    print(f"{args.arch} small_stem={args.small_stem} at {args.input_size} px, batch "
+          f"{args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
     paths = jpeg_files(args)
     listing = data.Listing(paths, None, [], "bench")
     size = round(args.input_size * 8 / 7)
@@ -177,7 +188,7 @@ def run(args) -> list:
     generator = torch.Generator(runtime.device).manual_seed(0)
     n, bs, dev = len(store), args.batch_size, runtime.device
     if bs > n:
-        raise SystemExit(f"--batch-size {bs} is larger than the {n} benchmark images: raise --images")
+        raise SystemExit(f"--batch-size {bs} is larger than the {n} images: raise --images")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).repeat(64).to(dev)
     cursor = [0]
 
@@ -209,21 +220,23 @@ def run(args) -> list:
                                              shuffle=True, num_workers=args.workers, drop_last=True,
                                              persistent_workers=args.workers > 0,
                                              pin_memory=dev.type == "cuda")
-        batches = iter(_forever(loader))
-
-        def conventional():
-            v1, v2 = next(batches)
-            step(runtime.prepare(v1.to(dev, non_blocking=True)), runtime.prepare(v2.to(dev, non_blocking=True)))
-        conv = timed(conventional, args.warmup, args.steps, bs, dev)
+        conv = timed(conventional_step(loader, step, runtime), args.warmup, args.steps, bs, dev)
         rows += [(name, "floor", floor), (name, "s3l", ours), (name, "conventional", conv)]
-        del loader, batches
     print_table(rows)
     return rows
 
 
-def _forever(loader):
-    while True:
-        yield from loader
+def conventional_step(loader, step, runtime):
+    """A step fed by the DataLoader: its workers decode and augment while the model trains."""
+    def forever():
+        while True:
+            yield from loader
+    batches = forever()
+
+    def conventional():
+        v1, v2 = next(batches)
+        step(*(runtime.prepare(v.to(runtime.device, non_blocking=True)) for v in (v1, v2)))
+    return conventional
 
 
 def print_table(rows) -> None:
@@ -233,23 +246,25 @@ def print_table(rows) -> None:
         conv = next((r for m, p, r in rows if m == method and p == "conventional"), None)
         if method == "augment":
             conv = next(r for m, p, r in rows if p == "PIL per image")
-        print(f"{method:<10}{pipeline:<16}{rate:>10.1f}" + (f"{rate / floor:>10.2f}" if floor else f"{'':>10}")
+        print(f"{method:<10}{pipeline:<16}{rate:>10.1f}"
+              + (f"{rate / floor:>10.2f}" if floor else f"{'':>10}")
               + (f"{rate / conv:>16.2f}" if conv else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=train.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=train.HelpFormatter)
     p.add_argument("--arch", choices=sorted(models.ARCHS), default="resnet18")
     p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 conv1, no max-pool")
     p.add_argument("--input-size", type=int, default=64, help="training resolution in px")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--methods", nargs="+", choices=["moco", "simclr", "byol"], default=["moco", "simclr", "byol"])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--data", help="an image folder (its train split); default: generated images")
     p.add_argument("--photo-size", type=int, nargs=2, metavar=("W", "H"),
-                   help="upscale --data images to W x H JPEGs first (e.g. 500 375, CUB-sized photos)")
+                   help="upscale --data images to W x H JPEGs first (500 375: CUB-sized photos)")
     p.add_argument("--images", type=int, default=1024, help="images in the benchmark set")
-    p.add_argument("--gen-size", type=int, default=128, help="size of the generated JPEGs without --data")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the conventional pipeline")
+    p.add_argument("--gen-size", type=int, default=128, help="size of generated JPEGs (no --data)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (conventional)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each row")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "s3l"))

@@ -1,13 +1,15 @@
-"""Data for S3L: dataset readers, decode-once caching, and augmentation of whole batches on their device.
+"""Data for S3L: dataset readers, decode-once caching, batched augmentation on the device.
 
-S3L pretrains at *small resolution* on *small data* (Cao & Wu 2021, arXiv 2103.13559; PAPER.md §1.2, §1.4):
-a few thousand images at 56-112 px. So every image is decoded once with Pillow, resized (shorter side) and
-centre-cropped to a square *store* size a little above the training size, and the whole split is kept as one
-uint8 array (N, 3, S, S), cached on disk and memory-mapped. Training gathers a batch of indices from that
-array (held whole on the training device when it fits) and augments the batch there, with independent random
-parameters per image and the semantics of the official torchvision pipeline (PAPER.md §3.1, §9.20).
+S3L pretrains at *small resolution* on *small data* (Cao & Wu 2021, arXiv 2103.13559; PAPER.md §1.2,
+§1.4): a few thousand images at 56-112 px. So every image is decoded once with Pillow, resized
+(shorter side) and centre-cropped to a square *store* size a little above the training size, and the
+whole split is kept as one uint8 array (N, 3, S, S), cached on disk and memory-mapped. Training
+gathers a batch of indices from that array (held whole on the training device when it fits) and
+augments the batch there, with independent random parameters per image and the semantics of the
+official torchvision pipeline (PAPER.md §3.1, §9.20).
 
-  readers       list_image_folder, list_flat_folder, list_cub, list_split, default_eval_split, subset_indices
+  readers       list_image_folder, list_flat_folder, list_cub, list_split, default_eval_split,
+                subset_indices
   decode+cache  decode_image, load_split
   store         ImageStore
   augmentation  random_resized_crop_boxes, crop_boxes, crop_resize, color_jitter, random_grayscale,
@@ -30,15 +32,17 @@ from PIL import Image, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp",
+                    ".gif")
+SPLIT_NAMES = ("train", "val", "test")
 CACHE_VERSION = 1  # bump when decode_image changes, so old caches are not reused
 
 
-# ----- readers: which files, which labels -----------------------------------------------------------------
+# ----- readers: which files, which labels ---------------------------------------------------------
 
 @dataclass
 class Listing:
-    """A split before decoding: image paths, integer labels (None when unlabeled) and class names."""
+    """A split before decoding: image paths, integer labels (None: unlabeled), class names."""
     paths: list
     labels: list
     classes: list
@@ -55,7 +59,7 @@ def _images_under(folder: str) -> list:
 
 
 def list_image_folder(root: str) -> Listing:
-    """ImageFolder layout `root/<class>/<image>` (torchvision's): classes sorted, label = class index."""
+    """ImageFolder layout `root/<class>/<image>` (torchvision's): sorted classes, label = index."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     paths, labels = [], []
     for label, cls in enumerate(classes):
@@ -69,14 +73,16 @@ def list_image_folder(root: str) -> Listing:
 
 
 def list_flat_folder(root: str) -> Listing:
-    """A folder of unlabeled images (the official code's SSLDataset), sorted by path; labels = None."""
+    """A folder of unlabeled images (the official code's SSLDataset), sorted; labels None."""
     return Listing(_images_under(root), None, [], os.path.basename(os.path.normpath(root)))
 
 
 def list_cub(root: str, split: str) -> Listing:
-    """Official CUB-200-2011 layout: images.txt, train_test_split.txt (1 = train), image_class_labels.txt.
+    """Official CUB-200-2011 layout: images.txt, train_test_split.txt (1 = train),
+    image_class_labels.txt.
 
-    split: "train" takes is_training_image = 1; "test" or "val" the rest (CUB has no separate val split).
+    split: "train" takes is_training_image = 1; "test" or "val" the rest (CUB has no separate val
+    split).
     """
     def table(name):
         with open(os.path.join(root, name)) as f:
@@ -90,7 +96,8 @@ def list_cub(root: str, split: str) -> Listing:
     want = "1" if split == "train" else "0"
     ids = sorted((i for i in images if is_train[i].strip() == want), key=int)
     paths = [os.path.join(root, "images", images[i].strip()) for i in ids]
-    return Listing(paths, [int(labels[i]) - 1 for i in ids], [c.strip() for c in classes], f"cub-{split}")
+    return Listing(paths, [int(labels[i]) - 1 for i in ids], [c.strip() for c in classes],
+                   f"cub-{split}")
 
 
 def _list_folder(folder: str) -> Listing:
@@ -102,7 +109,8 @@ def list_split(root: str, split: str = "train") -> Listing:
     """Resolve `root` + split name to a Listing, for every layout `--data` accepts.
 
     root/<split>/ (ImageFolder or flat; "train+val" joins splits), the official CUB layout, or, for
-    "train" when root has no split folders, root itself. Raises ValueError naming the folder and the fix.
+    "train" when root has no split folders, root itself. Raises ValueError naming the folder and the
+    fix.
     """
     if not os.path.isdir(root):
         raise ValueError(f"data folder {root} does not exist: pass --data with a folder of images")
@@ -118,10 +126,11 @@ def list_split(root: str, split: str = "train") -> Listing:
     elif os.path.isdir(os.path.join(root, split)):
         listing = _list_folder(os.path.join(root, split))
         listing.name = f"{os.path.basename(os.path.normpath(root))}-{split}"
-    elif split == "train" and not any(os.path.isdir(os.path.join(root, s)) for s in ("val", "test")):
+    elif split == "train" and not any(os.path.isdir(os.path.join(root, s)) for s in SPLIT_NAMES):
         listing = _list_folder(root)
     else:
-        raise ValueError(f"no split '{split}' in {root}: expected a folder {os.path.join(root, split)}")
+        raise ValueError(f"no split '{split}' in {root}: expected the folder "
+                         f"{os.path.join(root, split)}")
     if not listing.paths:
         raise ValueError(f"no images found for split '{split}' of {root} "
                          f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
@@ -130,7 +139,8 @@ def list_split(root: str, split: str = "train") -> Listing:
 
 def default_eval_split(root: str) -> str:
     """The split evaluated on: `val` if present (the official code's test split), else `test`."""
-    if os.path.exists(os.path.join(root, "images.txt")) or not os.path.isdir(os.path.join(root, "val")):
+    if os.path.exists(os.path.join(root, "images.txt")) or \
+            not os.path.isdir(os.path.join(root, "val")):
         return "test"
     return "val"
 
@@ -138,8 +148,8 @@ def default_eval_split(root: str) -> str:
 def subset_indices(labels, spec: str, seed: int) -> list:
     """Small data (PAPER.md §1.4): a seeded, deterministic subset of a split, as sorted indices.
 
-    spec: "per-class=N" (N per class), "total=N" (N uniformly at random), "classes=C,total=N" (C random
-    classes, N/C images each). labels: list of ints (None allowed only for total=N).
+    spec: "per-class=N" (N per class), "total=N" (N uniformly at random), "classes=C,total=N" (C
+    random classes, N/C images each). labels: list of ints (None allowed only for total=N).
     """
     g = torch.Generator().manual_seed(seed)
     fields = dict(part.split("=", 1) for part in spec.replace(" ", "").split(",") if "=" in part)
@@ -152,7 +162,7 @@ def subset_indices(labels, spec: str, seed: int) -> list:
             raise ValueError(f"--subset total={total} is larger than the split ({n_items} images)")
         return sorted(torch.randperm(n_items, generator=g)[:total].tolist())
     if labels is None:
-        raise ValueError(f"--subset '{spec}' needs class labels, but the split is an unlabeled folder")
+        raise ValueError(f"--subset '{spec}' needs class labels, but the split is unlabeled")
     by_class = {}
     for i, y in enumerate(labels):
         by_class.setdefault(y, []).append(i)
@@ -174,11 +184,12 @@ def subset_indices(labels, spec: str, seed: int) -> list:
     return sorted(chosen)
 
 
-# ----- decode once, cache on disk -------------------------------------------------------------------------
+# ----- decode once, cache on disk -----------------------------------------------------------------
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit / 32-bit greyscale: Pillow's convert("RGB") clips at 255, so scale the real range instead
+        # 16-bit / 32-bit greyscale: Pillow's convert("RGB") clips at 255, so scale the real range
+        # instead
         a = np.asarray(im, dtype=np.float32)
         top = 1.0 if im.mode == "F" and a.max() <= 1.0 else (255.0 if a.max() <= 255 else 65535.0)
         im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
@@ -190,13 +201,13 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
-    """One image -> uint8 (3, size, size): EXIF orientation applied, RGB, shorter side resized to `size`
-    (bilinear with antialiasing, as PIL's Resize in the official code), then centre-cropped.
+    """One image -> uint8 (3, size, size): EXIF orientation applied, RGB, shorter side resized to
+    `size` (bilinear with antialiasing, as PIL's Resize in the official code), then centre-cropped.
 
     Raises OSError / ValueError for unreadable, truncated or non-image files.
     """
     with Image.open(path) as im:
-        im.draft("RGB", (size, size))  # JPEG: decode at the smallest DCT scale >= size (much faster)
+        im.draft("RGB", (size, size))  # JPEG: decode at the smallest DCT scale >= size (faster)
         im = _to_rgb(ImageOps.exif_transpose(im))
         w, h = im.size
         scale = size / min(w, h)  # images smaller than `size` are upscaled, so every crop fits
@@ -226,9 +237,10 @@ def _cache_key(paths, size: int) -> str:
 def load_split(listing: Listing, size: int, cache_dir: str, workers: int = 0, log=print):
     """Decode a split once to uint8 (N, 3, size, size), cached in `cache_dir` and memory-mapped.
 
-    Returns (images: np.memmap (N_ok, 3, S, S), kept: indices into listing.paths that decoded). Unreadable
-    files are skipped and counted, never fatal mid-epoch. The cache key covers every path, its size and
-    mtime, and `size`, so a changed file invalidates it. Decoding runs on `workers` processes (0: all cores).
+    Returns (images: np.memmap (N_ok, 3, S, S), kept: indices into listing.paths that decoded).
+    Unreadable files are skipped and counted, never fatal mid-epoch. The cache key covers every
+    path, its size and mtime, and `size`, so a changed file invalidates it. Decoding runs on
+    `workers` processes (0: all cores).
     """
     os.makedirs(cache_dir, exist_ok=True)
     base = os.path.join(cache_dir, f"{listing.name}-{size}px-{_cache_key(listing.paths, size)}")
@@ -246,7 +258,8 @@ def load_split(listing: Listing, size: int, cache_dir: str, workers: int = 0, lo
     workers = workers or os.cpu_count() or 1
     jobs = [(p, size) for p in listing.paths]
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 and n >= 64 else None
-    results = pool.imap(_decode_or_error, jobs, chunksize=16) if pool else map(_decode_or_error, jobs)
+    results = pool.imap(_decode_or_error, jobs, chunksize=16) if pool else \
+        map(_decode_or_error, jobs)
     try:
         for i, (img, err) in enumerate(results):
             if err is None:
@@ -282,13 +295,14 @@ def load_split(listing: Listing, size: int, cache_dir: str, workers: int = 0, lo
     return np.load(base + ".npy", mmap_mode="r")[:len(kept)], kept
 
 
-# ----- the store: a decoded split, on the device when it fits ---------------------------------------------
+# ----- the store: a decoded split, on the device when it fits -------------------------------------
 
 class ImageStore:
     """A decoded split: uint8 images (N, 3, S, S), labels (N,) or None, class names.
 
-    `images` is a torch tensor (on the training device: batches are gathered there with no host copy) or a
-    numpy memmap for splits larger than memory (batches are read from disk and copied over).
+    `images` is a torch tensor (on the training device: batches are gathered there with no host
+    copy) or a numpy memmap for splits larger than memory (batches are read from disk and copied
+    over).
     """
 
     def __init__(self, images, labels=None, classes=(), paths=()):
@@ -314,8 +328,10 @@ class ImageStore:
         idx = list(indices)
         images = self.images[torch.as_tensor(idx)] if isinstance(self.images, torch.Tensor) else \
             self.images[np.asarray(idx, dtype=np.int64)]
-        labels = None if self.labels is None else self.labels[torch.as_tensor(idx, device=self.labels.device)]
-        return ImageStore(images, labels, self.classes, [self.paths[i] for i in idx] if self.paths else [])
+        labels = None if self.labels is None else \
+            self.labels[torch.as_tensor(idx, device=self.labels.device)]
+        paths = [self.paths[i] for i in idx] if self.paths else []
+        return ImageStore(images, labels, self.classes, paths)
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
         """uint8 images idx: (B,) -> (B, 3, S, S) on `device`."""
@@ -327,17 +343,20 @@ class ImageStore:
         return rows.to(device, non_blocking=True)
 
 
-# ----- batched augmentation (PAPER.md §3.1; torchvision 0.7 semantics, §9.20) -----------------------------
+# ----- batched augmentation (PAPER.md §3.1; torchvision 0.7 semantics, §9.20) ---------------------
 
 def _uniform(n, low, high, generator):
     return low + (high - low) * torch.rand(n, generator=generator, device=generator.device)
 
 
-def random_resized_crop_boxes(n: int, height: int, width: int, scale, ratio, generator) -> torch.Tensor:
-    """torchvision's RandomResizedCrop.get_params for n images at once -> boxes (n, 4) = (top, left, h, w).
+def random_resized_crop_boxes(n: int, height: int, width: int, scale, ratio,
+                              generator) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params for n images at once -> boxes (n, 4) = (top, left,
+    h, w).
 
-    Up to 10 attempts per image: area ~ U(scale) * H * W, log-ratio ~ U(log ratio); the first attempt that
-    fits wins; if none fits, the whole image is centre-cropped with its ratio clamped to `ratio`.
+    Up to 10 attempts per image: area ~ U(scale) * H * W, log-ratio ~ U(log ratio); the first
+    attempt that fits wins; if none fits, the whole image is centre-cropped with its ratio clamped
+    to `ratio`.
     """
     attempts = 10
     area = height * width * _uniform((n, attempts), scale[0], scale[1], generator)
@@ -358,19 +377,20 @@ def random_resized_crop_boxes(n: int, height: int, width: int, scale, ratio, gen
         fw = float(round(height * ratio[1]))
     w, h = torch.where(found, w, fw), torch.where(found, h, fh)
     # integer offsets uniform in [0, H - h] and [0, W - w], as random.randint
-    top = torch.floor(torch.rand(n, generator=generator, device=generator.device) * (height - h + 1))
-    left = torch.floor(torch.rand(n, generator=generator, device=generator.device) * (width - w + 1))
-    top, left = torch.where(found, top, (height - h) // 2), torch.where(found, left, (width - w) // 2)
+    top = torch.floor(_uniform(n, 0, 1, generator) * (height - h + 1))
+    left = torch.floor(_uniform(n, 0, 1, generator) * (width - w + 1))
+    top = torch.where(found, top, (height - h) // 2)
+    left = torch.where(found, left, (width - w) // 2)
     return torch.stack([top, left, h, w], dim=1)
 
 
 def crop_boxes(n: int, image_size: int, out_size: int, generator=None) -> torch.Tensor:
-    """Boxes (n, 4) of out_size x out_size: random offsets (RandomCrop) with a generator, else centred."""
+    """Boxes (n, 4) of out_size x out_size: random (RandomCrop) with a generator, else centred."""
     room = image_size - out_size
     if generator is None:
         offsets = torch.full((n, 2), float(room // 2))
     else:
-        offsets = torch.floor(torch.rand(n, 2, generator=generator, device=generator.device) * (room + 1))
+        offsets = torch.floor(_uniform((n, 2), 0, 1, generator) * (room + 1))
     size = torch.full_like(offsets, float(out_size))
     return torch.cat([offsets, size], dim=1)
 
@@ -378,9 +398,10 @@ def crop_boxes(n: int, image_size: int, out_size: int, generator=None) -> torch.
 def crop_resize(x: torch.Tensor, boxes: torch.Tensor, out_size: int, flip=None) -> torch.Tensor:
     """Crop each image to its box and resize it to out_size, bilinearly, in one grid_sample call.
 
-    x: (N, C, H, W) float; boxes: (N, 4) (top, left, h, w) in pixels; flip: (N,) bool or None, a horizontal
-    flip folded into the same sampling grid for free. Returns (N, C, out_size, out_size). No antialiasing:
-    the store is only a little larger than out_size, so a scale-1 crop downsamples by at most ~1.14x.
+    x: (N, C, H, W) float; boxes: (N, 4) (top, left, h, w) in pixels; flip: (N,) bool or None, a
+    horizontal flip folded into the same sampling grid for free. Returns (N, C, out_size, out_size).
+    No antialiasing: the store is only a little larger than out_size, so a scale-1 crop downsamples
+    by at most ~1.14x.
     """
     n, _, height, width = x.shape
     boxes = boxes.to(device=x.device, dtype=x.dtype)
@@ -410,7 +431,8 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     maxc = torch.maximum(torch.maximum(r, g), b)  # V
     chroma = maxc - torch.minimum(torch.minimum(r, g), b)  # V * S
     c = chroma.clamp_min(1e-12)  # grey pixels: any hue, chroma 0 makes the result V
-    hue6 = torch.where(maxc == r, (g - b) / c, torch.where(maxc == g, 2 + (b - r) / c, 4 + (r - g) / c))
+    hue6 = torch.where(maxc == r, (g - b) / c,
+                       torch.where(maxc == g, 2 + (b - r) / c, 4 + (r - g) / c))
     hue6 = hue6.unsqueeze(1) + 6 * shift  # (N, 1, H, W), hue in sixths of a turn
     # HSV -> RGB as f(n) = V - V S clamp(min(k, 4 - k), 0, 1) with k = (n + 6 H) mod 6, n = 5, 3, 1
     n_rgb = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
@@ -421,12 +443,14 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float,
                  p: float, generator: torch.Generator) -> torch.Tensor:
-    """RandomApply(ColorJitter(b, c, s, h), p) per image, each image with its own factors and op order.
+    """RandomApply(ColorJitter(b, c, s, h), p) per image, each image with its own factors and op
+    order.
 
-    x: (N, 3, H, W) in [0, 1]. Factors ~ U[1 - b, 1 + b] (likewise c, s), hue shift ~ U[-h, h]; the 4 ops
-    run in a random order per image, as torchvision's. At each of the 4 steps every op runs on the whole
-    batch with an identity factor for the images whose op this step is another: no gather/scatter and
-    no host sync. In-place arithmetic: out-of-place clamp costs ~25x more on CPU (fresh 6 MB buffers).
+    x: (N, 3, H, W) in [0, 1]. Factors ~ U[1 - b, 1 + b] (likewise c, s), hue shift ~ U[-h, h]; the
+    4 ops run in a random order per image, as torchvision's. At each of the 4 steps every op runs on
+    the whole batch with an identity factor for the images whose op this step is another: no
+    gather/scatter and no host sync. In-place arithmetic: out-of-place clamp costs ~25x more on CPU
+    (fresh 6 MB buffers).
     """
     n = x.shape[0]
     on = torch.rand(n, generator=generator, device=generator.device) < p
@@ -439,13 +463,16 @@ def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation
     for step in range(4):
         op = order[:, step]
 
-        def pick(k, value, identity):  # (N, 1, 1, 1): value where this step's op is k, identity elsewhere
+        # (N, 1, 1, 1): value where this step's op is k, identity elsewhere
+        def pick(k, value, identity):
             return torch.where(op == k, value, identity).view(n, 1, 1, 1).to(x.device, x.dtype)
         x.mul_(pick(0, factors[0], 1.0)).clamp_(0, 1)  # brightness: blend with black
         mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-        x.sub_(mean).mul_(pick(1, factors[1], 1.0)).add_(mean).clamp_(0, 1)  # contrast: with mean grey
+        # contrast: with mean grey
+        x.sub_(mean).mul_(pick(1, factors[1], 1.0)).add_(mean).clamp_(0, 1)
         gray = _gray(x)
-        x.sub_(gray).mul_(pick(2, factors[2], 1.0)).add_(gray).clamp_(0, 1)  # saturation: with greyscale
+        # saturation: with greyscale
+        x.sub_(gray).mul_(pick(2, factors[2], 1.0)).add_(gray).clamp_(0, 1)
         if hue > 0:
             x = _shift_hue(x, pick(3, shift, 0.0))
     return x
@@ -458,11 +485,11 @@ def random_grayscale(x: torch.Tensor, p: float, generator: torch.Generator) -> t
 
 
 def gaussian_blur(x: torch.Tensor, sigma, p: float, generator: torch.Generator) -> torch.Tensor:
-    """With probability p per image, Gaussian blur with sigma ~ U[sigma] *pixels* (PIL GaussianBlur, as the
-    MoCo v2 / S3L code; the radius is not scaled with resolution, PAPER.md §9.9).
+    """With probability p per image, Gaussian blur with sigma ~ U[sigma] *pixels* (PIL GaussianBlur,
+    as the MoCo v2 / S3L code; the radius is not scaled with resolution, PAPER.md §9.9).
 
-    x: (N, C, H, W). One separable, grouped convolution for the whole batch; an image left unblurred gets a
-    delta kernel (exact identity). Borders replicate the edge pixels, as PIL does.
+    x: (N, C, H, W). One separable, grouped convolution for the whole batch; an image left unblurred
+    gets a delta kernel (exact identity). Borders replicate the edge pixels, as PIL does.
     """
     n, c, height, width = x.shape
     s = _uniform(n, sigma[0], sigma[1], generator).to(x.device)
@@ -481,8 +508,9 @@ def gaussian_blur(x: torch.Tensor, sigma, p: float, generator: torch.Generator) 
     return y.view(n, c, height, width)
 
 
-def solarize(x: torch.Tensor, p: float, generator: torch.Generator, threshold: float = 0.5) -> torch.Tensor:
-    """With probability p per image, invert the pixels >= threshold (BYOL's solarisation, Grill et al. B.1)."""
+def solarize(x: torch.Tensor, p: float, generator: torch.Generator,
+             threshold: float = 0.5) -> torch.Tensor:
+    """With probability p per image, invert pixels >= threshold (BYOL's solarisation, App. B)."""
     on = (torch.rand(x.shape[0], generator=generator, device=generator.device) < p).to(x.device)
     return torch.where(on.view(-1, 1, 1, 1) & (x >= threshold), 1 - x, x)
 
@@ -501,12 +529,12 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SSLAugment:
-    """One random view per image, the MoCo v2 `--aug-plus` pipeline the S3L code uses for every method
-    (PAPER.md §3.1): RandomResizedCrop(scale 0.2-1) -> p 0.8 ColorJitter(0.4, 0.4, 0.4, 0.1) ->
-    p 0.2 grayscale -> p 0.5 blur sigma U[0.1, 2] px -> flip -> normalise. solarize_p > 0 adds solarisation
-    (BYOL's recipe) after the blur. Flipping is folded into the crop (it commutes with every later op).
+    """MoCo v2's `--aug-plus` pipeline, which the S3L code uses for every method (PAPER.md §3.1).
 
-    __call__(x, generator): x (N, 3, S, S) float in [0, 1] -> (N, 3, input_size, input_size) normalised.
+    RandomResizedCrop(scale 0.2-1) -> p 0.8 ColorJitter(0.4, 0.4, 0.4, 0.1) -> p 0.2 grayscale ->
+    p 0.5 blur sigma U[0.1, 2] px -> flip -> normalise; solarize_p > 0 adds BYOL's solarisation
+    after the blur. The flip is folded into the crop (it commutes with every later op).
+    __call__(x, generator): x (N, 3, S, S) in [0, 1] -> one view (N, 3, input_size, input_size).
     """
     input_size: int
     scale: tuple = (0.2, 1.0)
@@ -536,30 +564,33 @@ class SSLAugment:
 
 def finetune_train_view(x: torch.Tensor, input_size: int, generator: torch.Generator,
                         mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """Fine-tuning train transform (PAPER.md §3.8): the store already holds Resize(input_size * 8 / 7);
-    RandomCrop(input_size) + horizontal flip + normalise. x: (N, 3, S, S) in [0, 1]."""
+    """Fine-tuning train transform (PAPER.md §3.8), x: (N, 3, S, S) in [0, 1]. The store already
+    holds Resize(input_size x 8/7); RandomCrop(input_size) + horizontal flip + normalise."""
     boxes = crop_boxes(x.shape[0], x.shape[-1], input_size, generator)
     flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5
     return normalize(crop_resize(x, boxes, input_size, flip), mean, std)
 
 
-def center_view(x: torch.Tensor, input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def center_view(x: torch.Tensor, input_size: int, mean=IMAGENET_MEAN,
+                std=IMAGENET_STD) -> torch.Tensor:
     """Test transform: CenterCrop(input_size) of the store (Resize + CenterCrop) + normalise."""
     boxes = crop_boxes(x.shape[0], x.shape[-1], input_size)
     return normalize(crop_resize(x, boxes, input_size), mean, std)
 
 
-# ----- the built-in dataset -------------------------------------------------------------------------------
+# ----- the built-in dataset -----------------------------------------------------------------------
 
-SHAPES = ("circle", "ring", "square", "triangle", "plus", "flower", "crescent", "two-dots", "bar", "frame")
+SHAPES = ("circle", "ring", "square", "triangle", "plus", "flower", "crescent", "two-dots", "bar",
+          "frame")
 
 
 def _shape_mask(cls: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Inside-tests of the SHAPES in local coordinates u, v in [-1, 1]: cls (N,), u, v (N, H, W) -> bool."""
+    """Inside-tests of the SHAPES at local coordinates: cls (N,), u, v (N, H, W) -> bool."""
     r, theta = torch.sqrt(u * u + v * v), torch.atan2(v, u)
     a, b = u.abs(), v.abs()
     tri = (v > -0.5) & (v < 1 - 1.732 * a)  # equilateral, circumradius 1
-    flower = r < 0.45 + 0.55 * torch.cos(2.5 * (theta % (2 * math.pi / 5) - math.pi / 5)).abs()  # 5 petals
+    # 5 petals
+    flower = r < 0.45 + 0.55 * torch.cos(2.5 * (theta % (2 * math.pi / 5) - math.pi / 5)).abs()
     masks = torch.stack([
         r < 0.9,
         (r < 0.95) & (r > 0.55),
@@ -576,14 +607,16 @@ def _shape_mask(cls: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 
 def synthetic_dataset(n: int, size: int, seed: int, supersample: int = 2):
-    """The built-in labelled dataset for the out-of-the-box job: one of 10 SHAPES per image, generated by
-    code (no download). Returns uint8 images (n, 3, size, size) and labels (n,), balanced and shuffled.
+    """The built-in labelled dataset for the out-of-the-box job: one of 10 SHAPES per image,
+    generated by code (no download). Returns uint8 images (n, 3, size, size) and labels (n,),
+    balanced and shuffled.
 
-    Designed so that self-supervision has something to learn in a few CPU minutes: the class (the shape)
-    survives every SSL augmentation (large shapes survive crops; each class is closed under flips and
-    rotations; shapes are coarse enough to survive the blur), while the nuisances that dominate random
-    features (foreground and background colour from a palette of 6, position, scale 0.6-0.9, rotation)
-    are what the augmentations teach invariance to. The palette is fixed, so every split shares it.
+    Designed so that self-supervision has something to learn in a few CPU minutes: the class (the
+    shape) survives every SSL augmentation (large shapes survive crops; each class is closed under
+    flips and rotations; shapes are coarse enough to survive the blur), while the nuisances that
+    dominate random features (foreground and background colour from a palette of 6, position, scale
+    0.6-0.9, rotation) are what the augmentations teach invariance to. The palette is fixed, so
+    every split shares it.
     """
     palette = torch.rand(6, 3, generator=torch.Generator().manual_seed(2103_13559))
     g = torch.Generator().manual_seed(seed)

@@ -1,19 +1,19 @@
 """ResNets written from scratch, in torchvision's layout, with the S3L *small architecture* switch.
 
-Implements ResNet-18/34/50 (He et al. 2016, arXiv 1512.03385; v1.5: the stride of a bottleneck sits on its
-3x3 conv) with parameter names, shapes and initialisation equal to torchvision's, so a state_dict moves
-between this file and torchvision/timm with no renaming. Two switches:
-  * `conv5=False` removes `layer4` (conv5_x): S3L's *small architecture* (Cao & Wu 2021, arXiv 2103.13559,
-    Sec. "small architecture"; PAPER.md §1.3). The feature width becomes 256 x expansion.
+Implements ResNet-18/34/50 (He et al. 2016, arXiv 1512.03385; v1.5: the stride of a bottleneck sits
+on its 3x3 conv) with parameter names, shapes and initialisation equal to torchvision's, so a
+state_dict moves between this file and torchvision/timm with no renaming. Two switches:
+  * `conv5=False` removes `layer4` (conv5_x): S3L's *small architecture* (Cao & Wu 2021, arXiv
+    2103.13559; PAPER.md §1.3). The feature width becomes 256 x expansion.
   * `small_stem=True` uses a 3x3 stride-1 `conv1` and no max-pool, for inputs of 64 px and below
     (the CIFAR variant used by SimCLR and the public SSL libraries).
-Public names, in reading order: BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, ARCHS, macs.
+Public names in reading order: BasicBlock, Bottleneck, ResNet, resnet18/34/50, ARCHS, macs.
 """
 import torch
 import torch.nn as nn
 
 
-# ----- residual blocks (He et al. 2016, Fig. 5) -----------------------------------------------------------
+# ----- residual blocks (He et al. 2016, Fig. 5) ---------------------------------------------------
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
@@ -72,20 +72,23 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-# ----- the network ----------------------------------------------------------------------------------------
+# ----- the network --------------------------------------------------------------------------------
 
 class ResNet(nn.Module):
     """ResNet backbone + optional classifier, torchvision layout (conv1, bn1, layer1..4, fc).
 
-    x: (N, 3, H, W) -> (N, num_classes) logits, or (N, feature_dim) pooled features when num_classes = 0
-    (then `fc` is an Identity, which the SSL methods replace with their projection head, as MoCo does).
-    conv5=False drops `layer4` (S3L small architecture); small_stem=True: 3x3/1 conv1, no max-pool.
+    x: (N, 3, H, W) -> (N, num_classes) logits, or (N, feature_dim) pooled features when num_classes
+    = 0 (then `fc` is an Identity, which the SSL methods replace with their projection head, as MoCo
+    does). conv5=False drops `layer4` (S3L small architecture); small_stem=True: 3x3/1 conv1, no
+    max-pool.
     """
 
-    def __init__(self, block, layers, num_classes: int = 0, conv5: bool = True, small_stem: bool = False):
+    def __init__(self, block, layers, num_classes: int = 0, conv5: bool = True,
+                 small_stem: bool = False):
         super().__init__()
         self.in_planes = 64
-        if small_stem:  # a 32 px image through the 7x7/2 + max-pool stem would leave 1x1 maps at conv5
+        # a 32 px image through the 7x7/2 + max-pool stem would leave 1x1 maps at conv5
+        if small_stem:
             self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
         else:
@@ -119,7 +122,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features, (N, 3, H, W) -> (N, feature_dim); any H, W works (global pooling)."""
+        """Pooled backbone features: (N, 3, H, W) -> (N, feature_dim); any H, W (global pooling)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer3(self.layer2(self.layer1(x)))
         if self.layer4 is not None:
@@ -148,14 +151,14 @@ def resnet50(num_classes: int = 0, conv5: bool = True, small_stem: bool = False)
 ARCHS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
 
 
-# ----- cost accounting (PAPER.md §1.2, §9.21) -------------------------------------------------------------
+# ----- cost accounting (PAPER.md §1.2, §9.21) -----------------------------------------------------
 
 @torch.no_grad()
 def macs(model: nn.Module, input_size: int) -> int:
     """Multiply-accumulates of one forward pass of one (3, input_size, input_size) image.
 
-    Counted from the real Conv2d and Linear layers the image passes through (BN, ReLU, pooling and the
-    residual additions are not MACs). ResNet-50: about 4.09 G at 224 px, 1.08 G at 112 px.
+    Counted from the real Conv2d and Linear layers the image passes through (BN, ReLU, pooling and
+    the residual additions are not MACs). ResNet-50: about 4.09 G at 224 px, 1.08 G at 112 px.
     """
     total = 0
 

@@ -1,5 +1,6 @@
-"""Specifications of s3l, in the order of the modules: models -> s3l (losses, methods, recipe) -> data ->
-train (command line, checkpoints, bad input). Tiny seeded CPU inputs; oracles are written out naively here.
+"""Specifications of s3l, in the order of the modules: models -> s3l (losses, methods, recipe) ->
+data -> train (command line, checkpoints, bad input). Tiny seeded CPU inputs; oracles are written
+out naively here.
 
 Run: python -m pytest -q test_s3l.py
 """
@@ -23,7 +24,7 @@ def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-# ----- models.py ------------------------------------------------------------------------------------------
+# ----- models.py ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch, params", [("resnet18", 11_689_512), ("resnet34", 21_797_672),
                                           ("resnet50", 25_557_032)])
@@ -36,13 +37,15 @@ def test_resnet_parameter_counts_equal_torchvision(arch, params):
 @pytest.mark.parametrize("conv5", [True, False])
 @pytest.mark.parametrize("small_stem", [True, False])
 def test_resnet_output_shapes_for_every_option(arch, conv5, small_stem):
-    """Logits (N, classes) with fc; pooled (N, 256|512 x expansion) features without; any input size."""
+    """Logits (N, classes) with fc; pooled (N, 256|512 x expansion) features without; any input
+    size."""
     expansion = 4 if arch == "resnet50" else 1
     width = (512 if conv5 else 256) * expansion
     net = models.ARCHS[arch](0, conv5=conv5, small_stem=small_stem).eval()
     assert net.feature_dim == width
     assert net(randn(2, 3, 32, 32)).shape == (2, width)
-    assert models.ARCHS[arch](7, conv5=conv5, small_stem=small_stem)(randn(2, 3, 24, 40)).shape == (2, 7)
+    classifier = models.ARCHS[arch](7, conv5=conv5, small_stem=small_stem).eval()
+    assert classifier(randn(2, 3, 24, 40)).shape == (2, 7)
     assert ("layer4.0.conv1.weight" in net.state_dict()) == conv5
 
 
@@ -52,7 +55,8 @@ def test_resnet_state_dict_uses_torchvision_names():
     assert sd["conv1.weight"].shape == (64, 3, 7, 7)
     assert sd["layer1.0.downsample.0.weight"].shape == (256, 64, 1, 1)
     assert sd["layer1.0.downsample.1.running_var"].shape == (256,)
-    assert sd["layer2.0.conv2.weight"].shape == (128, 128, 3, 3)  # v1.5: the stride sits on this conv
+    # v1.5: the stride sits on this conv
+    assert sd["layer2.0.conv2.weight"].shape == (128, 128, 3, 3)
     assert sd["fc.weight"].shape == (1000, 2048)
     assert models.resnet18(small_stem=True).state_dict()["conv1.weight"].shape == (64, 3, 3, 3)
 
@@ -64,7 +68,7 @@ def test_macs_match_the_paper_table():
     assert models.macs(models.resnet50(conv5=False), 224) / 1e9 == pytest.approx(3.28, abs=0.01)
 
 
-# ----- s3l.py: losses -------------------------------------------------------------------------------------
+# ----- s3l.py: losses -----------------------------------------------------------------------------
 
 def nt_xent_by_loops(z1, z2, t):
     z = F.normalize(torch.cat([z1, z2]), dim=1)
@@ -119,10 +123,11 @@ def test_momentum_update_is_exactly_the_ema():
         assert torch.allclose(t, 0.9 * b + 0.1 * o, atol=1e-7)
 
 
-# ----- s3l.py: heads, split BN, methods -------------------------------------------------------------------
+# ----- s3l.py: heads, split BN, methods -----------------------------------------------------------
 
 def test_split_batchnorm_equals_batchnorm_per_group():
-    """Group s (images s, s+G, ...) is normalised with its own statistics; running stats are the mean."""
+    """Group s (images s, s+G, ...) is normalised with its own statistics; running stats are the
+    mean."""
     x = randn(8, 3, 4, 4) * 2 + 1
     split = s3l.SplitBatchNorm(3, num_splits=2).train()
     y = split(x)
@@ -131,7 +136,8 @@ def test_split_batchnorm_equals_batchnorm_per_group():
         assert torch.allclose(y[s::2], ref, atol=1e-5)
     group_means = torch.stack([x[s::2].mean(dim=(0, 2, 3)) for s in range(2)]).mean(0)
     assert torch.allclose(split.running_mean, 0.1 * group_means, atol=1e-6)
-    assert torch.allclose(split.eval()(x), F.batch_norm(x, split.running_mean, split.running_var), atol=1e-6)
+    eval_ref = F.batch_norm(x, split.running_mean, split.running_var)
+    assert torch.allclose(split.eval()(x), eval_ref, atol=1e-6)
 
 
 def tiny_moco(k=8, m=0.9):
@@ -161,7 +167,8 @@ def test_moco_forward_enqueues_one_batch_of_keys_after_the_loss():
 
 
 def test_moco_key_encoder_moves_by_exactly_the_ema_before_the_keys():
-    """One forward: encoder_k <- m encoder_k + (1 - m) encoder_q (parameters), then keys are computed."""
+    """One forward: encoder_k <- m encoder_k + (1 - m) encoder_q (parameters), then keys are
+    computed."""
     moco = tiny_moco(m=0.9)
     with torch.no_grad():
         for p in moco.encoder_q.parameters():
@@ -175,7 +182,8 @@ def test_moco_key_encoder_moves_by_exactly_the_ema_before_the_keys():
 
 @pytest.mark.parametrize("method", ["moco", "simclr", "byol"])
 def test_every_method_returns_a_finite_loss_that_trains_the_backbone(method):
-    """forward(view1, view2) -> scalar; a backward step changes the backbone's conv1 (gradients flow)."""
+    """forward(view1, view2) -> scalar; a backward step changes the backbone's conv1 (gradients
+    flow)."""
     torch.manual_seed(0)
     kwargs = dict(moco=dict(moco_k=8), simclr={}, byol=dict(hidden_dim=32))[method]
     model = s3l.METHODS[method](models.resnet18(), dim=8, bn_splits=2, **kwargs)
@@ -187,7 +195,7 @@ def test_every_method_returns_a_finite_loss_that_trains_the_backbone(method):
     assert not torch.equal(before, model.backbone.conv1.weight)
 
 
-# ----- data.py: augmentation ------------------------------------------------------------------------------
+# ----- data.py: augmentation ----------------------------------------------------------------------
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
@@ -197,14 +205,16 @@ def test_random_resized_crop_boxes_stay_inside_and_respect_scale_and_ratio():
     """Every box lies inside the image; area/ratio are within range whenever an attempt fitted."""
     boxes = data.random_resized_crop_boxes(2000, 40, 30, (0.2, 1.0), (3 / 4, 4 / 3), gen())
     top, left, h, w = boxes.unbind(1)
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 40).all() and (left + w <= 30).all()
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= 40).all() and (left + w <= 30).all()
     assert (h >= 1).all() and (w >= 1).all()
     assert ((h * w) / 1200 >= 0.2 - 0.05).all()
     assert len(set(map(tuple, boxes.tolist()))) > 1000  # per-image parameters, not one per batch
 
 
 def test_crop_with_scale_one_and_ratio_one_is_the_identity_resize():
-    """RRC(scale (1, 1), ratio (1, 1)) of a square image = the whole image resized (= itself at same size)."""
+    """RRC(scale (1, 1), ratio (1, 1)) of a square image = the whole image resized (= itself at same
+    size)."""
     x = torch.rand(3, 3, 20, 20, generator=gen())
     boxes = data.random_resized_crop_boxes(3, 20, 20, (1.0, 1.0), (1.0, 1.0), gen())
     assert torch.equal(boxes, torch.tensor([[0.0, 0.0, 20.0, 20.0]] * 3))
@@ -216,8 +226,10 @@ def test_crop_with_scale_one_and_ratio_one_is_the_identity_resize():
 
 
 def test_every_augmentation_keeps_shape_and_range_and_varies_per_image():
-    """Each op maps (N, 3, H, W) in [0, 1] to the same shape in [0, 1]; images get different parameters."""
-    x = torch.rand(1, 3, 16, 16, generator=gen()).expand(64, 3, 16, 16).contiguous()  # 64 copies of one image: differences come from params
+    """Each op maps (N, 3, H, W) in [0, 1] to the same shape in [0, 1]; images get different
+    parameters."""
+    # 64 copies of one image: differences come from params
+    x = torch.rand(1, 3, 16, 16, generator=gen()).expand(64, 3, 16, 16).contiguous()
     ops = {"jitter": lambda t: data.color_jitter(t, 0.4, 0.4, 0.4, 0.1, 1.0, gen(1)),
            "grayscale": lambda t: data.random_grayscale(t, 0.5, gen(2)),
            "blur": lambda t: data.gaussian_blur(t, (0.1, 2.0), 0.5, gen(3)),
@@ -230,7 +242,8 @@ def test_every_augmentation_keeps_shape_and_range_and_varies_per_image():
 
 
 def test_ssl_augment_produces_normalised_views_of_the_requested_size():
-    """Full pipeline: uint8 store (N, 3, S, S) -> (N, 3, input_size, input_size), two views differ."""
+    """Full pipeline: uint8 store (N, 3, S, S) -> (N, 3, input_size, input_size), two views
+    differ."""
     imgs = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8, generator=gen())
     aug = data.SSLAugment(16)
     g = gen(5)
@@ -261,7 +274,7 @@ def test_blur_with_zero_probability_is_exact_identity_and_blur_keeps_the_mean():
     assert torch.allclose(data.gaussian_blur(flat, (1.0, 2.0), 1.0, gen()), flat, atol=1e-6)
 
 
-# ----- data.py: readers, decoding, cache, bad input -------------------------------------------------------
+# ----- data.py: readers, decoding, cache, bad input -----------------------------------------------
 
 def write_image(path, size=(24, 20), mode="RGB", seed=0, fmt=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -274,7 +287,8 @@ def write_image(path, size=(24, 20), mode="RGB", seed=0, fmt=None):
 def make_folder(root, classes=2, per_class=8, size=(24, 20), split="train"):
     for c in range(classes):
         for i in range(per_class):
-            write_image(os.path.join(root, split, f"class{c}", f"img{i}.png"), size, seed=c * 100 + i)
+            path = os.path.join(root, split, f"class{c}", f"img{i}.png")
+            write_image(path, size, seed=c * 100 + i)
     return str(root)
 
 
@@ -301,10 +315,12 @@ def test_cub_official_layout_splits_by_is_training_image(tmp_path):
     (tmp_path / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, t, _ in rows))
     (tmp_path / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, _, c in rows))
     (tmp_path / "classes.txt").write_text("1 001.A\n2 002.B\n")
-    train_split, test_split = data.list_split(str(tmp_path), "train"), data.list_split(str(tmp_path), "test")
+    train_split = data.list_split(str(tmp_path), "train")
+    test_split = data.list_split(str(tmp_path), "test")
     assert [os.path.basename(p) for p in train_split.paths] == ["a1.jpg", "b1.jpg"]
     assert train_split.labels == [0, 1] and test_split.labels == [0]
-    assert train_split.classes == ["001.A", "002.B"] and data.default_eval_split(str(tmp_path)) == "test"
+    assert train_split.classes == ["001.A", "002.B"]
+    assert data.default_eval_split(str(tmp_path)) == "test"
 
 
 def test_missing_and_empty_folders_raise_errors_that_name_them(tmp_path):
@@ -320,7 +336,8 @@ def test_missing_and_empty_folders_raise_errors_that_name_them(tmp_path):
 
 
 def test_decoding_handles_every_image_mode(tmp_path):
-    """CMYK, 16-bit grey, palette, alpha and tiny images all decode to RGB uint8 (3, S, S) correctly."""
+    """CMYK, 16-bit grey, palette, alpha and tiny images all decode to RGB uint8 (3, S, S)
+    correctly."""
     red = Image.new("RGB", (10, 8), (255, 0, 0))
     red.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
     Image.fromarray(np.full((8, 10), 65535 // 2, dtype=np.uint16)).save(tmp_path / "grey16.png")
@@ -388,7 +405,8 @@ def test_store_gathers_batches_from_memory_and_from_the_memmap_alike(tmp_path):
     in_memory = data.ImageStore(images, listing.labels).to(torch.device("cpu"), max_bytes=1 << 30)
     assert isinstance(on_disk.images, np.ndarray) and isinstance(in_memory.images, torch.Tensor)
     idx = torch.tensor([5, 0, 3])
-    assert torch.equal(on_disk.batch(idx, torch.device("cpu")), in_memory.batch(idx, torch.device("cpu")))
+    cpu = torch.device("cpu")
+    assert torch.equal(on_disk.batch(idx, cpu), in_memory.batch(idx, cpu))
 
 
 def test_builtin_dataset_is_deterministic_and_balanced():
@@ -398,31 +416,35 @@ def test_builtin_dataset_is_deterministic_and_balanced():
     assert torch.bincount(la).tolist() == [4] * len(data.SHAPES)
 
 
-# ----- train.py: the command line, checkpoints, bad input -------------------------------------------------
+# ----- train.py: the command line, checkpoints, bad input -----------------------------------------
 
 def pretrain_argv(root, save_dir, *extra):
     return ["pretrain", "--data", root, "--arch", "resnet18", "--input-size", "16", "--epochs", "2",
             "--batch-size", "8", "--moco-k", "16", "--bn-batch", "4", "--save-dir", str(save_dir),
-            "--cache-dir", os.path.join(os.path.dirname(str(save_dir)), "cache"), "--print-freq", "1",
+            "--cache-dir", os.path.join(os.path.dirname(str(save_dir)), "cache"),
+            "--print-freq", "1",
             *extra]
 
 
 def test_pretrain_cli_smoke_writes_a_self_describing_run_folder(tmp_path):
-    """Two epochs of MoCo on generated images: checkpoint, config.json, log.jsonl, summary.json, kNN."""
+    """Two epochs of MoCo on generated images: checkpoint, config.json, log.jsonl, summary.json,
+    kNN."""
     root = make_folder(tmp_path / "data", classes=2, per_class=8)
     make_folder(tmp_path / "data", classes=2, per_class=4, split="val")
     train.main(pretrain_argv(root, tmp_path / "run", "--knn-every", "1"))
     records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     config = json.load(open(tmp_path / "run" / "config.json"))
-    assert [r["epoch"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in records)
     assert 0 <= summary["knn_top1"] <= 100 and summary["macs_per_image"] > 0
     assert config["moco_t"] == 0.2 and config["lr"] == 0.03  # the method's paper defaults filled in
     assert os.path.exists(tmp_path / "run" / "checkpoint.pt")
 
 
 def test_resumed_run_reaches_the_same_weights_as_an_uninterrupted_one(tmp_path):
-    """Resuming from the epoch-1 checkpoint reproduces the 2-epoch run exactly (model, queue, optimizer)."""
+    """Resuming from the epoch-1 checkpoint reproduces the 2-epoch run exactly (model, queue,
+    optimizer)."""
     root = make_folder(tmp_path / "data", classes=2, per_class=8)
     train.main(pretrain_argv(root, tmp_path / "full", "--save-every", "1"))
     train.main(pretrain_argv(root, tmp_path / "resumed", "--resume",
@@ -457,10 +479,11 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
         train.main(pretrain_argv(str(tmp_path / "nowhere"), tmp_path / "run"))
 
 
-# ----- the S3L recipe: fine-tuning, warm-up, linear probe, subsets, export --------------------------------
+# ----- the S3L recipe: fine-tuning, warm-up, linear probe, subsets, export ------------------------
 
 def test_mixup_mixes_images_and_losses_with_the_same_lambda_and_permutation():
-    """x_mix = lam x + (1 - lam) x[perm]; the loss is lam CE(y) + (1 - lam) CE(y[perm]) with that lam/perm."""
+    """x_mix = lam x + (1 - lam) x[perm]; the loss is lam CE(y) + (1 - lam) CE(y[perm]) with that
+    lam/perm."""
     torch.manual_seed(0)
     x, y = randn(6, 3, 4, 4), torch.arange(6)
     mixed, y_a, y_b, lam = s3l.mixup(x, y, alpha=1.0)
@@ -494,10 +517,12 @@ def test_load_backbone_names_missing_and_unexpected_keys_instead_of_loading_in_p
 
 
 def test_backbone_state_strips_official_moco_and_byol_prefixes():
-    """PAPER.md §8: module.encoder_q.* (MoCo/SimCLR DDP), encoder_q.* (BYOL); heads and queue dropped."""
+    """PAPER.md §8: module.encoder_q.* (MoCo/SimCLR DDP), encoder_q.* (BYOL); heads and queue
+    dropped."""
     sd = models.resnet18().state_dict()
     official = {f"module.encoder_q.{k}": v for k, v in sd.items()}
-    official.update({"module.encoder_q.fc.0.weight": torch.zeros(2, 2), "module.queue": torch.zeros(2, 2),
+    official.update({"module.encoder_q.fc.0.weight": torch.zeros(2, 2),
+                     "module.queue": torch.zeros(2, 2),
                      "module.encoder_k.conv1.weight": torch.zeros(1)})
     assert s3l.backbone_state(official).keys() == sd.keys()
     byol = {f"encoder_q.{k}": v for k, v in sd.items()} | {"projector.net.0.weight": torch.zeros(1)}
@@ -506,7 +531,8 @@ def test_backbone_state_strips_official_moco_and_byol_prefixes():
 
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory):
-    """A tiny MoCo run without conv5 (the small architecture) and one with it, shared by the tests below."""
+    """A tiny MoCo run without conv5 (the small architecture) and one with it, shared by the tests
+    below."""
     tmp = tmp_path_factory.mktemp("pipeline")
     root = make_folder(tmp / "data", classes=2, per_class=8)
     make_folder(tmp / "data", classes=2, per_class=4, split="val")
@@ -517,20 +543,25 @@ def pretrained_run(tmp_path_factory):
 
 def stage_argv(command, root, tmp, save, *extra):
     return [command, "--data", root, "--input-size", "16", "--epochs", "1", "--batch-size", "8",
-            "--cache-dir", str(tmp / "cache"), "--save-dir", str(tmp / save), "--print-freq", "1", *extra]
+            "--cache-dir", str(tmp / "cache"), "--save-dir", str(tmp / save), "--print-freq", "1",
+            *extra]
 
 
 def test_warmup_trains_only_conv5_and_fc(pretrained_run):
-    """conv1-4 come from the small-architecture checkpoint and stay bit-identical; layer4 and fc move."""
+    """conv1-4 come from the small-architecture checkpoint and stay bit-identical; layer4 and fc
+    move."""
     tmp, root = pretrained_run
     train.main(stage_argv("warmup-conv5", root, tmp, "warmup", "--pretrained", str(tmp / "small" /
                                                                                    "checkpoint.pt"),
                           "--frozen-bn-eval"))
-    ssl = s3l.backbone_state(torch.load(tmp / "small" / "checkpoint.pt", weights_only=True)["model"])
+    small = torch.load(tmp / "small" / "checkpoint.pt", weights_only=True)["model"]
+    ssl = s3l.backbone_state(small)
     warm = torch.load(tmp / "warmup" / "checkpoint.pt", weights_only=True)["model"]
     for key, value in ssl.items():
-        assert torch.equal(warm[key], value), key  # weights and, with --frozen-bn-eval, BN statistics
-    torch.manual_seed(0)  # the warm-up's own initialisation (--seed 0): layer4 must have moved from it
+        # weights and, with --frozen-bn-eval, BN statistics
+        assert torch.equal(warm[key], value), key
+    # the warm-up's own initialisation (--seed 0): layer4 must have moved from it
+    torch.manual_seed(0)
     fresh = models.resnet18(num_classes=2).state_dict()
     assert all(not torch.equal(warm[k], fresh[k]) for k in warm if k.startswith("layer4.") and
                k.endswith("conv1.weight"))
@@ -539,7 +570,8 @@ def test_warmup_trains_only_conv5_and_fc(pretrained_run):
 def test_linear_probe_leaves_the_backbone_bit_identical(pretrained_run):
     tmp, root = pretrained_run
     ckpt = str(tmp / "full" / "checkpoint.pt")
-    train.main(stage_argv("linear", root, tmp, "linear", "--pretrained", ckpt, "--epochs", "2", "--augment"))
+    train.main(stage_argv("linear", root, tmp, "linear", "--pretrained", ckpt, "--epochs", "2",
+                          "--augment"))
     ssl = s3l.backbone_state(torch.load(ckpt, weights_only=True)["model"])
     probe = torch.load(tmp / "linear" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(probe[k], v) for k, v in ssl.items())
@@ -557,8 +589,8 @@ def test_init_from_loads_every_weight_of_the_earlier_stage(pretrained_run, monke
         loaded.update({k: v.clone() for k, v in method.state_dict().items()})
         return stages
     monkeypatch.setattr(train, "init_from", spy)
-    train.main(pretrain_argv(root, tmp / "stage2", "--input-size", "24", "--epochs", "1", "--init-from",
-                             str(tmp / "full" / "checkpoint.pt")))
+    train.main(pretrain_argv(root, tmp / "stage2", "--input-size", "24", "--epochs", "1",
+                             "--init-from", str(tmp / "full" / "checkpoint.pt")))
     stage1 = torch.load(tmp / "full" / "checkpoint.pt", weights_only=True)["model"]
     assert loaded.keys() == stage1.keys() and all(torch.equal(loaded[k], stage1[k]) for k in stage1)
     summary = json.load(open(tmp / "stage2" / "summary.json"))
@@ -579,18 +611,20 @@ def test_exported_backbone_loads_strictly_and_gives_identical_outputs(pretrained
 
 def test_wrong_architecture_checkpoint_fails_with_what_was_expected_and_found(pretrained_run):
     tmp, root = pretrained_run
-    with pytest.raises(SystemExit, match="holds a resnet18 backbone .* but --arch resnet50 was asked"):
+    with pytest.raises(SystemExit, match="holds a resnet18 backbone .* but --arch resnet50 was"):
         train.main(stage_argv("finetune", root, tmp, "wrong", "--pretrained",
                               str(tmp / "full" / "checkpoint.pt"), "--arch", "resnet50"))
     (tmp / "corrupt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
-        train.main(stage_argv("finetune", root, tmp, "wrong", "--pretrained", str(tmp / "corrupt.pt")))
+        train.main(stage_argv("finetune", root, tmp, "wrong", "--pretrained",
+                              str(tmp / "corrupt.pt")))
 
 
 def test_finetune_reports_final_and_best_epoch_and_writes_the_subset_list(pretrained_run):
     tmp, root = pretrained_run
-    train.main(stage_argv("finetune", root, tmp, "ft", "--pretrained", str(tmp / "full" / "checkpoint.pt"),
-                          "--epochs", "2", "--subset", "per-class=4"))
+    train.main(stage_argv("finetune", root, tmp, "ft", "--pretrained",
+                          str(tmp / "full" / "checkpoint.pt"), "--epochs", "2", "--subset",
+                          "per-class=4"))
     summary = json.load(open(tmp / "ft" / "summary.json"))
     assert summary["test_top1_final"] is not None and summary["best_epoch"] in (1, 2)
     assert len(open(tmp / "ft" / "subset.txt").read().split()) == 8
@@ -604,14 +638,13 @@ def test_a_class_missing_in_the_test_split_is_a_clear_error(tmp_path):
         train.main(stage_argv("finetune", root, tmp_path, "ft", "--arch", "resnet18"))
 
 
-# ----- bench.py -------------------------------------------------------------------------------------------
+# ----- bench.py -----------------------------------------------------------------------------------
 
 def test_bench_prints_every_row_with_positive_finite_rates(tmp_path, capsys):
     import bench
     args = bench.build_parser().parse_args(
-        ["--input-size", "16", "--batch-size", "8", "--images", "16", "--gen-size", "24", "--steps", "1",
-         "--warmup", "1", "--workers", "1", "--methods", "moco", "simclr", "byol", "--cache-dir",
-         str(tmp_path)])
+        ["--input-size", "16", "--batch-size", "8", "--images", "16", "--gen-size", "24",
+         "--steps", "1", "--warmup", "1", "--workers", "1", "--cache-dir", str(tmp_path)])
     rows = bench.run(args)
     expected = [("augment", "s3l batched"), ("augment", "PIL per image")] + [
         (m, p) for m in ("moco", "simclr", "byol") for p in ("floor", "s3l", "conventional")]
