@@ -18,6 +18,7 @@ pipeline.
   python bench.py --data data/flowers102 --photo-size 500 375 --input-size 32    CUB-sized photos
 """
 import argparse
+import copy
 import math
 import os
 import random
@@ -119,21 +120,22 @@ def timed(step, n_warmup: int, n_steps: int, batch: int, device) -> float:
 
 
 def make_method(args, name, runtime):
+    """`name` built as train.py builds it (paper defaults; queue and BN groups fitted to the batch).
+
+    Returns (method, train_step(view1, view2)): forward, backward and SGD step.
+    """
     unset = dict.fromkeys(["moco_k", "moco_m", "moco_t", "simclr_t", "simclr_base_t", "byol_tau",
                            "byol_hidden_dim", "bn_batch", "lr", "weight_decay", "epochs",
                            "warmup_epochs"])
     targs = argparse.Namespace(method=name, arch=args.arch, conv5=True, small_stem=args.small_stem,
-                               dim=128, batch_size=args.batch_size, **unset)
+                               dim=128, batch_size=args.batch_size, momentum=0.9, **unset)
     targs = train.resolve_defaults(targs)
     if name == "moco":  # the queue takes whole batches
         targs.moco_k = max(args.batch_size, (targs.moco_k // args.batch_size) * args.batch_size)
     targs.bn_batch = min(targs.bn_batch, args.batch_size)
     torch.manual_seed(0)
-    method = train.build_method(targs, train.build_backbone(targs)).to(runtime.device)
-    if runtime.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(method.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                                foreach=True)
+    method = runtime.place(train.build_method(targs, train.build_backbone(targs)))
+    optimizer = runtime.sgd(method.parameters(), targs)
     model = torch.compile(method) if args.compile else method
 
     def train_step(view1, view2):
@@ -142,7 +144,19 @@ def make_method(args, name, runtime):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return train_step
+    return method, model, train_step
+
+
+def compile_gap(method, model, views, runtime) -> float:
+    """|loss(compiled) - loss(eager)| on one batch from the same state: --compile must not change
+    the method (the RNG is re-seeded so MoCo's key shuffle is the same)."""
+    eager = copy.deepcopy(method)
+    losses = []
+    for module in (eager, model):
+        torch.manual_seed(0)
+        with runtime.autocast():
+            losses.append(float(module(*views)))
+    return abs(losses[0] - losses[1])
 
 
 def jpeg_files(args) -> list:
@@ -185,6 +199,7 @@ def run(args) -> list:
     images, _ = data.load_split(listing, size, args.cache_dir, log=lambda *a: None)
     store = data.ImageStore(images).to(runtime.device, train.store_bytes_limit(runtime.device))
     augment = data.SSLAugment(args.input_size)
+    apply = torch.compile(augment.apply) if args.compile else augment.apply
     generator = torch.Generator(runtime.device).manual_seed(0)
     n, bs, dev = len(store), args.batch_size, runtime.device
     if bs > n:
@@ -196,7 +211,8 @@ def run(args) -> list:
         start = cursor[0] % (n - bs + 1)
         cursor[0] += bs
         x = data.to_float(store.batch(order[start:start + bs], dev))
-        return runtime.prepare(augment(x, generator)), runtime.prepare(augment(x, generator))
+        return [runtime.prepare(apply(x, augment.sample(bs, size, size, generator)))
+                for _ in range(2)]
 
     rows = []
     rate = timed(our_views, args.warmup, args.steps, bs, dev)
@@ -211,9 +227,12 @@ def run(args) -> list:
     rows.append(("augment", "PIL per image", rate))
 
     for name in args.methods:
-        step = make_method(args, name, runtime)
+        method, model, step = make_method(args, name, runtime)
         shape = (bs, 3, args.input_size, args.input_size)
         r1, r2 = (runtime.prepare(torch.randn(shape, device=dev)) for _ in range(2))
+        if args.compile:
+            print(f"{name}: |loss compiled - eager| on one batch = "
+                  f"{compile_gap(method, model, (r1, r2), runtime):.2e}")
         floor = timed(lambda: step(r1, r2), args.warmup, args.steps, bs, dev)
         ours = timed(lambda: step(*our_views()), args.warmup, args.steps, bs, dev)
         loader = torch.utils.data.DataLoader(JpegTwoViews(paths, args.input_size), batch_size=bs,

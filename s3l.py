@@ -118,18 +118,21 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         n, c = x.shape[:2]
         assert n % g == 0, f"batch of {n} does not split into {g} BatchNorm groups"
-        # (N, C, ...) -> (N / G, G * C, ...): channel block s of row a is image a * G + s, so one
-        # batch_norm call computes G independent sets of statistics (MoCo's CIFAR demo trick)
-        xg = x.reshape(n // g, g * c, *x.shape[2:])
-        mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)
-        y = F.batch_norm(xg, mean, var, self.weight.repeat(g), self.bias.repeat(g),
-                         True, self.momentum, self.eps)
-        # running statistics: the average over the groups, as rank 0's would be
-        with torch.no_grad():
-            self.running_mean.copy_(mean.view(g, c).mean(0))
-            self.running_var.copy_(var.view(g, c).mean(0))
+        # (N, C, ...) -> (N / G, G, C, ...): image a * G + s sits at (a, s). Splitting only the
+        # batch dimension keeps channels_last intact; the simpler F.batch_norm on a (N / G, G * C,
+        # ...) reshape (MoCo's CIFAR demo) copies NHWC input to NCHW and loses channels_last after
+        xg = x.view(n // g, g, c, *x.shape[2:])
+        dims = (0,) + tuple(range(3, xg.dim()))  # a group's images and pixels
+        var, mean = torch.var_mean(xg.float(), dim=dims, unbiased=False, keepdim=True)  # (1,G,C,..)
+        shape = (1, 1, c) + (1,) * (x.dim() - 2)
+        scale = self.weight.view(shape) * torch.rsqrt(var + self.eps)
+        shift = self.bias.view(shape) - mean * scale
+        with torch.no_grad():  # running statistics: the mean over the groups, as rank 0's would be
+            m = xg.numel() // (g * c)  # values per group and channel; running_var is unbiased
+            self.running_mean.lerp_(mean.view(g, c).mean(0), self.momentum)
+            self.running_var.lerp_(var.view(g, c).mean(0) * m / max(m - 1, 1), self.momentum)
             self.num_batches_tracked.add_(1)
-        return y.reshape(x.shape)
+        return torch.addcmul(shift.to(x.dtype), xg, scale.to(x.dtype)).view(x.shape)
 
 
 def split_batchnorm_(module: nn.Module, num_splits: int) -> nn.Module:

@@ -205,7 +205,8 @@ def add_device_args(p, save_dir):
 def add_run_args(p):
     p.add_argument("--resume", help="checkpoint of this run to continue exactly from")
     p.add_argument("--save-every", type=int, default=20, help="numbered checkpoint every N epochs")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (same loss)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model and the "
+                   "augmentation (same loss to float tolerance)")
     p.add_argument("--print-freq", type=int, default=10, help="progress line (and loss read-back) "
                    "every N steps")
 
@@ -580,10 +581,15 @@ def pretrain(args) -> dict:
         start_epoch, wall_before = resumed["epoch"], resumed["wall_s"]
         stages = resumed["stages"][:-1]
     model = torch.compile(method) if args.compile else method  # state_dict() from `method` only
+    n, bs, size = len(train_store), args.batch_size, train_store.size
     augment = data.SSLAugment(args.input_size, scale=tuple(args.crop_scale),
                               solarize_p=args.solarize_p)
+    apply = torch.compile(augment.apply) if args.compile else augment.apply  # one fused graph
     generator = torch.Generator(runtime.device)
-    n, bs = len(train_store), args.batch_size
+
+    def view(images):  # one augmented view of each image, its parameters drawn from `generator`
+        return runtime.prepare(apply(images, augment.sample(len(images), size, size, generator)))
+
     steps = n // bs  # drop_last, as the official loaders
     macs = models.macs(method.backbone, args.input_size)
     t_start, images_seen, knn, record = time.time(), 0, None, {}
@@ -599,8 +605,7 @@ def pretrain(args) -> dict:
             set_lr(optimizer, lr := lr_at(e, args.epochs, args.lr, args.warmup_epochs))
             images = data.to_float(train_store.batch(order[step * bs:(step + 1) * bs],
                                                      runtime.device))
-            view1 = runtime.prepare(augment(images, generator))
-            view2 = runtime.prepare(augment(images, generator))
+            view1, view2 = view(images), view(images)
             with runtime.autocast():
                 loss = model(view1, view2)
             optimizer.zero_grad(set_to_none=True)
