@@ -16,6 +16,7 @@ pipeline.
   python bench.py                                       ResNet-18, 64 px, batch 128,
   MoCo/SimCLR/BYOL
   python bench.py --data data/flowers102 --photo-size 500 375 --input-size 32    CUB-sized photos
+  --profile adds torch.profiler's top operators of our full step; --compile checks compiled = eager.
 """
 import argparse
 import copy
@@ -241,6 +242,8 @@ def run(args) -> list:
                                              pin_memory=dev.type == "cuda")
         conv = timed(conventional_step(loader, step, runtime), args.warmup, args.steps, bs, dev)
         rows += [(name, "floor", floor), (name, "s3l", ours), (name, "conventional", conv)]
+        if args.profile and name == args.methods[0]:
+            profile(lambda: step(*our_views()), runtime)
     print_table(rows)
     return rows
 
@@ -256,6 +259,19 @@ def conventional_step(loader, step, runtime):
         v1, v2 = next(batches)
         step(*(runtime.prepare(v.to(runtime.device, non_blocking=True)) for v in (v1, v2)))
     return conventional
+
+
+def profile(step, runtime, n_steps: int = 3) -> None:
+    """Where a full step's time goes: torch.profiler's top operators over a few steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if runtime.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(n_steps):
+            step()
+        sync(runtime.device)
+    key = "self_cuda_time_total" if runtime.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=40))
 
 
 def print_table(rows) -> None:
@@ -290,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model and the "
+                   "augmentation, and print |loss compiled - eager| on one batch")
+    p.add_argument("--profile", action="store_true", help="print the top operators of our full "
+                   "step (first method)")
     return p
 
 

@@ -258,7 +258,8 @@ def load_split(listing: Listing, size: int, cache_dir: str, workers: int = 0, lo
     shown = t0
     workers = workers or os.cpu_count() or 1
     jobs = [(p, size) for p in listing.paths]
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 and n >= 64 else None
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(workers) if workers > 1 and n >= 64 else None
     results = pool.imap(_decode_or_error, jobs, chunksize=16) if pool else \
         map(_decode_or_error, jobs)
     try:

@@ -494,6 +494,15 @@ def test_resumed_run_reaches_the_same_weights_as_an_uninterrupted_one(tmp_path):
         assert torch.equal(full[key], resumed[key]), key
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_paths_train_on_cpu_too(tmp_path, amp):
+    """The GPU precision paths (bf16 autocast; fp16 with the gradient scaler) run on CPU as well."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1", "--amp", amp))
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert math.isfinite(summary["final_loss"]) and summary["device"].startswith(amp)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "64"], "larger than the training split"),
     (["--moco-k", "20"], "not divisible by --batch-size"),
@@ -682,7 +691,8 @@ def test_bench_prints_every_row_with_positive_finite_rates(tmp_path, capsys):
     import bench
     args = bench.build_parser().parse_args(
         ["--input-size", "16", "--batch-size", "8", "--images", "16", "--gen-size", "24",
-         "--steps", "1", "--warmup", "1", "--workers", "1", "--cache-dir", str(tmp_path)])
+         "--steps", "1", "--warmup", "1", "--workers", "1", "--cache-dir", str(tmp_path),
+         "--profile"])
     rows = bench.run(args)
     expected = [("augment", "s3l batched"), ("augment", "PIL per image")] + [
         (m, p) for m in ("moco", "simclr", "byol") for p in ("floor", "s3l", "conventional")]
@@ -690,3 +700,4 @@ def test_bench_prints_every_row_with_positive_finite_rates(tmp_path, capsys):
     assert all(math.isfinite(rate) and rate > 0 for _, _, rate in rows)
     printed = capsys.readouterr().out
     assert all(f"{m:<10}{p:<16}" in printed for m, p in expected)
+    assert "Self CPU" in printed  # the --profile table of the full step
