@@ -678,6 +678,22 @@ def test_finetune_reports_final_and_best_epoch_and_writes_the_subset_list(pretra
     assert [s["command"] for s in summary["stages"]] == ["pretrain", "finetune"]
 
 
+def test_no_conv5_means_a_fresh_conv5_for_finetune_and_conv1_to_4_for_the_probe(pretrained_run):
+    """finetune --no-conv5 (the official ablation) loads conv1-4 only; linear --no-conv5 probes the
+    256-d conv4 features of a full checkpoint."""
+    tmp, root = pretrained_run
+    ckpt = str(tmp / "full" / "checkpoint.pt")
+    train.main(stage_argv("finetune", root, tmp, "ft-fresh", "--pretrained", ckpt, "--no-conv5",
+                          "--epochs", "1", "--lr", "0"))
+    ssl = s3l.backbone_state(torch.load(ckpt, weights_only=True)["model"])
+    tuned = torch.load(tmp / "ft-fresh" / "checkpoint.pt", weights_only=True)["model"]
+    assert torch.equal(tuned["layer3.1.conv2.weight"], ssl["layer3.1.conv2.weight"])  # lr 0
+    assert not torch.equal(tuned["layer4.0.conv1.weight"], ssl["layer4.0.conv1.weight"])
+    train.main(stage_argv("linear", root, tmp, "lin-conv4", "--pretrained", ckpt, "--no-conv5"))
+    probe = torch.load(tmp / "lin-conv4" / "checkpoint.pt", weights_only=True)["model"]
+    assert probe["fc.weight"].shape == (2, 256) and "layer4.0.conv1.weight" not in probe
+
+
 def test_a_class_missing_in_the_test_split_is_a_clear_error(tmp_path):
     root = make_folder(tmp_path / "data", classes=3, per_class=2)
     make_folder(tmp_path / "data", classes=2, per_class=2, split="val")

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("pretrain", formatter_class=HelpFormatter,
                             help="self-supervised pretraining (MoCo v2, SimCLR, BYOL)")
     add_data_args(p)
-    add_model_args(p, input_size=112)
+    add_model_args(p, input_size=112, command="pretrain")
     # method: a flag left unset takes its method's value in METHOD_DEFAULTS
     p.add_argument("--method", choices=sorted(s3l.METHODS), default="moco")
     p.add_argument("--dim", type=int, default=128, help="projection output dimension")
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in helps.items():
         p = commands.add_parser(name, formatter_class=HelpFormatter, help=text)
         add_data_args(p)
-        add_model_args(p, input_size=224)
+        add_model_args(p, input_size=224, command=name)
         p.add_argument("--pretrained", required=name == "warmup-conv5", help="checkpoint to start "
                        "from: this project's, an export, or the official S3L/MoCo/BYOL ones")
         add_optim_args(p)
@@ -137,12 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "the end")
         add_device_args(p, save_dir=f"runs/{name}")
         add_run_args(p)
-        p.set_defaults(**STAGE_DEFAULTS[name])
+        p.set_defaults(conv5=None, **STAGE_DEFAULTS[name])
 
     p = commands.add_parser("knn", formatter_class=HelpFormatter, help="weighted kNN top-1 of a "
                             "checkpoint's backbone (train split as memory, test split as queries)")
     add_data_args(p)
-    add_model_args(p, input_size=None)
+    add_model_args(p, input_size=None, command="knn")
     p.add_argument("--pretrained", help="checkpoint to evaluate (none: the untrained backbone)")
     add_knn_args(p)
     add_device_args(p, save_dir="runs/knn")
@@ -167,11 +167,19 @@ def add_data_args(p):
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0: one per core)")
 
 
-def add_model_args(p, input_size):
+CONV5_HELP = {  # what --no-conv5 means to each command
+    "pretrain": "--no-conv5 removes layer4: S3L's small architecture",
+    "finetune": "--no-conv5 leaves the checkpoint's layer4 unused: a fresh conv5 is fine-tuned "
+                "(the official main.py --no-conv5 ablation)",
+    "linear": "--no-conv5 evaluates conv1-4 only (default: the checkpoint's layers)",
+    "knn": "--no-conv5 evaluates conv1-4 only (default: the checkpoint's layers)"}
+
+
+def add_model_args(p, input_size, command):
     p.add_argument("--arch", choices=sorted(models.ARCHS), help="backbone (default: the "
                    "checkpoint's, else resnet50 as in the paper)")
-    p.add_argument("--conv5", action=argparse.BooleanOptionalAction, help="--no-conv5 removes "
-                   "layer4: S3L's small architecture (default: the checkpoint's, else with conv5)")
+    if command in CONV5_HELP:  # the warm-up always trains a fresh conv5
+        p.add_argument("--conv5", action=argparse.BooleanOptionalAction, help=CONV5_HELP[command])
     p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 conv1 "
                    "and no max-pool, for inputs of 64 px and below")
     p.add_argument("--input-size", type=int, default=input_size, help="resolution in px (S3L "
@@ -530,13 +538,16 @@ def resolve_arch(args, state) -> None:
 
 
 def load_pretrained(model, state: dict, path: str, drop=()) -> None:
-    """Load a backbone state into a ResNet; `drop`: prefixes left fresh (the conv5 warm-up). A
-    checkpoint without conv5 (small architecture) leaves layer4 fresh, and says so."""
+    """Load a backbone state into a ResNet; `drop`: prefixes left unused (conv5, for the warm-up
+    and --no-conv5). A conv5 that is dropped or absent (small architecture) starts fresh, and a
+    line says so."""
+    had_conv5 = any(k.startswith("layer4.") for k in state)
     state = {k: v for k, v in state.items() if not k.startswith(tuple(drop))}
     allow = ("fc.",) + tuple(drop)
-    if model.layer4 is not None and not drop and not any(k.startswith("layer4.") for k in state):
+    if model.layer4 is not None and not any(k.startswith("layer4.") for k in state):
         allow += ("layer4.",)
-        print(f"{path} has no conv5 (small architecture): layer4 starts fresh, without warm-up")
+        why = "left unused" if had_conv5 else "not in the checkpoint (small architecture)"
+        print(f"{path}: conv5 (layer4) {why}: it starts freshly initialised")
     try:
         s3l.load_backbone(model, state, allow)
     except ValueError as e:
@@ -782,7 +793,9 @@ def stage_setup(args, full_network: bool, drop=()):
     arch read off it), the device, the labelled splits, and a seeded ResNet with one output per
     class. Returns (runtime, train_store, test_store, net, the checkpoint's earlier stages)."""
     ckpt, state = pretrained_backbone(args.pretrained)
-    resolve_arch(args, state)
+    resolve_arch(args, state)  # args.conv5: the flag, else the checkpoint's
+    if state is not None and args.conv5 is False:  # --no-conv5: the checkpoint's layer4 unused
+        drop = tuple(drop) + ("layer4.",)
     args.conv5 = args.conv5 or full_network  # fine-tuning and the warm-up train the full network
     if args.input_size is None:  # knn: the resolution the checkpoint was trained at
         args.input_size = (ckpt or {}).get("config", {}).get("input_size", 224)
