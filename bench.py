@@ -9,13 +9,14 @@ that our loop keeps that saving. Rows, each for the same model, batch and resolu
                 semantics, written with Pillow here) in DataLoader worker processes, then the same
                 step
   augment       augmentation alone, two views: our batched pipeline vs the per-image PIL one (1
-                process)
+                process), and what one conventional worker does per image (JPEG decode + two PIL
+                views)
 Columns: images/s (one image = its two views), ratio to the floor, ratio to the conventional
 pipeline.
 
-  python bench.py                                       ResNet-18, 64 px, batch 128,
-  MoCo/SimCLR/BYOL
-  python bench.py --data data/flowers102 --photo-size 500 375 --input-size 32    CUB-sized photos
+  python bench.py                     ResNet-18, 64 px, batch 128, MoCo/SimCLR/BYOL
+  python bench.py --data data/flowers102 --photo-size 500 375 --input-size 32
+                                      the same on CUB-sized photos, at 32 px
   --profile adds torch.profiler's top operators of our full step; --compile checks compiled = eager.
 """
 import argparse
@@ -156,7 +157,7 @@ def compile_gap(method, model, views, runtime) -> float:
     for module in (eager, model):
         torch.manual_seed(0)
         with runtime.autocast():
-            losses.append(float(module(*views)))
+            losses.append(float(module(*views).detach()))
     return abs(losses[0] - losses[1])
 
 
@@ -226,6 +227,9 @@ def run(args) -> list:
     rate = timed(lambda: [pil_view(im, args.input_size, rng) for im in pil_images for _ in (0, 1)],
                  1, max(1, args.steps // 4), bs, dev)
     rows.append(("augment", "PIL per image", rate))
+    items = JpegTwoViews(paths, args.input_size)
+    rate = timed(lambda: [items[i] for i in range(bs)], 1, max(1, args.steps // 4), bs, dev)
+    rows.append(("augment", "PIL decode+aug", rate))
 
     for name in args.methods:
         method, model, step = make_method(args, name, runtime)
@@ -240,7 +244,13 @@ def run(args) -> list:
                                              shuffle=True, num_workers=args.workers, drop_last=True,
                                              persistent_workers=args.workers > 0,
                                              pin_memory=dev.type == "cuda")
-        conv = timed(conventional_step(loader, step, runtime), args.warmup, args.steps, bs, dev)
+        # the workers start on the first request, with workers x prefetch_factor batches in flight:
+        # one extra warm-up step per batch in flight, so the clock starts in the steady state, not
+        # on batches made while the model was idle
+        drain = args.workers * loader.prefetch_factor if args.workers else 0
+        conv = timed(conventional_step(loader, step, runtime), args.warmup + drain, args.steps,
+                     bs, dev)
+        del loader  # stops its workers: batches still in flight would slow the next rows
         rows += [(name, "floor", floor), (name, "s3l", ours), (name, "conventional", conv)]
         if args.profile and name == args.methods[0]:
             profile(lambda: step(*our_views()), runtime)

@@ -7,7 +7,7 @@ Sources: S3L, Cao & Wu 2021, "Rethinking Self-Supervised Learning: Small is Beau
 1710.09412).
 
   losses   nt_xent, info_nce, byol_loss, momentum_update_
-  heads    mlp, SplitBatchNorm, split_batchnorm_
+  heads    mlp, SplitBatchNorm, group_views, ungroup_views, split_batchnorm_
   methods  SimCLR, MoCo, BYOL, METHODS  (each forward(view1, view2) -> loss: one loop trains all)
   eval     knn_top1
   recipe   backbone_state, infer_arch, load_backbone, freeze_all_but_conv5, mixup, mixup_loss
@@ -96,12 +96,12 @@ def mlp(dims, batchnorm: bool = False) -> nn.Sequential:
 
 
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with training statistics per group of the batch (per-GPU BN, PAPER.md §9.5).
+    """BatchNorm with training statistics per chunk of the batch (per-GPU BN, PAPER.md §9.5).
 
-    Emulates the official code's 4 GPUs x 32 images on one device. x: (N, C, ...) with N
-    divisible by num_splits; group s holds images s, s + G, s + 2G, ... (so with
-    the two views concatenated, both views of an image share a group, as on one GPU). Eval mode is
-    plain BatchNorm. The state_dict keys are BatchNorm's, so checkpoints load into ordinary models.
+    Emulates the official code's 4 GPUs x 32 images on one device: x: (N, C, ...), N divisible by
+    num_splits, and contiguous chunk s of the batch is what GPU s would hold (group_views lays out
+    two views that way). The running statistics are chunk 0's, as DDP broadcasts rank 0's buffers.
+    Eval mode is plain BatchNorm; the state_dict keys are BatchNorm's.
     """
 
     def __init__(self, num_features: int, num_splits: int, **kwargs):
@@ -116,23 +116,29 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         g = self.num_splits
         if not self.training or g == 1:
             return super().forward(x)
-        n, c = x.shape[:2]
-        assert n % g == 0, f"batch of {n} does not split into {g} BatchNorm groups"
-        # (N, C, ...) -> (N / G, G, C, ...): image a * G + s sits at (a, s). Splitting only the
-        # batch dimension keeps channels_last intact; the simpler F.batch_norm on a (N / G, G * C,
-        # ...) reshape (MoCo's CIFAR demo) copies NHWC input to NCHW and loses channels_last after
-        xg = x.view(n // g, g, c, *x.shape[2:])
-        dims = (0,) + tuple(range(3, xg.dim()))  # a group's images and pixels
-        var, mean = torch.var_mean(xg.float(), dim=dims, unbiased=False, keepdim=True)  # (1,G,C,..)
-        shape = (1, 1, c) + (1,) * (x.dim() - 2)
-        scale = self.weight.view(shape) * torch.rsqrt(var + self.eps)
-        shift = self.bias.view(shape) - mean * scale
-        with torch.no_grad():  # running statistics: the mean over the groups, as rank 0's would be
-            m = xg.numel() // (g * c)  # values per group and channel; running_var is unbiased
-            self.running_mean.lerp_(mean.view(g, c).mean(0), self.momentum)
-            self.running_var.lerp_(var.view(g, c).mean(0) * m / max(m - 1, 1), self.momentum)
-            self.num_batches_tracked.add_(1)
-        return torch.addcmul(shift.to(x.dtype), xg, scale.to(x.dtype)).view(x.shape)
+        assert x.shape[0] % g == 0, f"batch of {x.shape[0]} does not split into {g} BN groups"
+        self.num_batches_tracked.add_(1)
+        momentum = 1 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+        # one native batch_norm per chunk: fused and channels_last-aware, 2-3x faster forward +
+        # backward on CPU than the same statistics written with var_mean (measured)
+        stats = [(self.running_mean, self.running_var)] + [(None, None)] * (g - 1)
+        return torch.cat([F.batch_norm(chunk, mean, var, self.weight, self.bias, True, momentum,
+                                       self.eps) for chunk, (mean, var) in zip(x.chunk(g), stats)])
+
+
+def group_views(view1: torch.Tensor, view2: torch.Tensor, groups: int) -> torch.Tensor:
+    """Both views in one batch for one encoder pass, laid out for SplitBatchNorm's chunks.
+
+    view1, view2: (N, ...) -> (2N, ...) = [view1 chunk 0, view2 chunk 0, view1 chunk 1, ...]: BN
+    chunk s holds both views of the images of chunk s, as the official code's GPU s does.
+    """
+    return torch.cat([v for pair in zip(view1.chunk(groups), view2.chunk(groups)) for v in pair])
+
+
+def ungroup_views(z: torch.Tensor, groups: int):
+    """The inverse of group_views on the outputs: z (2N, D) -> z1 (N, D), z2 (N, D)."""
+    z = z.view(groups, 2, -1, *z.shape[1:])
+    return z[:, 0].flatten(0, 1), z[:, 1].flatten(0, 1)
 
 
 def split_batchnorm_(module: nn.Module, num_splits: int) -> nn.Module:
@@ -167,13 +173,15 @@ class SimCLR(nn.Module):
         encoder.fc = mlp([d, d, dim])
         self.encoder = split_batchnorm_(encoder, bn_splits)
         self.temperature, self.base_temperature = temperature, base_temperature
+        self.bn_splits = bn_splits
 
     @property
     def backbone(self) -> nn.Module:
         return self.encoder
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        z1, z2 = self.encoder(torch.cat([view1, view2])).chunk(2)  # one pass, (N, dim) each
+        x = group_views(view1, view2, self.bn_splits)  # (2N, 3, H, W): one pass
+        z1, z2 = ungroup_views(self.encoder(x), self.bn_splits)  # (N, dim) each
         return nt_xent(z1, z2, self.temperature) * (self.temperature / self.base_temperature)
 
 
@@ -249,7 +257,7 @@ class BYOL(nn.Module):
         self.online = split_batchnorm_(encoder, bn_splits)
         self.predictor = split_batchnorm_(mlp([dim, hidden_dim, dim], batchnorm=True), bn_splits)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
-        self.tau = tau
+        self.tau, self.bn_splits = tau, bn_splits
 
     @property
     def backbone(self) -> nn.Module:
@@ -257,10 +265,10 @@ class BYOL(nn.Module):
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         momentum_update_(self.target, self.online, self.tau)
-        views = torch.cat([view1, view2])  # (2N, 3, H, W): one pass per network
-        p1, p2 = self.predictor(self.online(views)).chunk(2)
+        views = group_views(view1, view2, self.bn_splits)  # (2N, 3, H, W): one pass per network
+        p1, p2 = ungroup_views(self.predictor(self.online(views)), self.bn_splits)
         with torch.no_grad():
-            z1, z2 = self.target(views).chunk(2)
+            z1, z2 = ungroup_views(self.target(views), self.bn_splits)
         return byol_loss(p1, z2) + byol_loss(p2, z1)  # view 1 predicts view 2 and vice versa
 
 

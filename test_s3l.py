@@ -125,19 +125,29 @@ def test_momentum_update_is_exactly_the_ema():
 
 # ----- s3l.py: heads, split BN, methods -----------------------------------------------------------
 
-def test_split_batchnorm_equals_batchnorm_per_group():
-    """Group s (images s, s+G, ...) is normalised with its own statistics; running stats are the
-    mean."""
-    x = randn(8, 3, 4, 4) * 2 + 1
+def test_split_batchnorm_equals_batchnorm_per_chunk_and_keeps_chunk_0s_running_stats():
+    """Chunk s (images s N/G to (s+1) N/G) is normalised with its own statistics, as GPU s would;
+    the running statistics are chunk 0's (DDP broadcasts rank 0's); channels_last survives."""
+    x = (randn(8, 3, 4, 4) * 2 + 1).contiguous(memory_format=torch.channels_last)
     split = s3l.SplitBatchNorm(3, num_splits=2).train()
     y = split(x)
     for s in range(2):
-        ref = F.batch_norm(x[s::2], None, None, training=True)
-        assert torch.allclose(y[s::2], ref, atol=1e-5)
-    group_means = torch.stack([x[s::2].mean(dim=(0, 2, 3)) for s in range(2)]).mean(0)
-    assert torch.allclose(split.running_mean, 0.1 * group_means, atol=1e-6)
+        ref = F.batch_norm(x[4 * s:4 * s + 4], None, None, training=True)
+        assert torch.allclose(y[4 * s:4 * s + 4], ref, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(split.running_mean, 0.1 * x[:4].mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(split.running_var, 0.9 + 0.1 * x[:4].var(dim=(0, 2, 3)), atol=1e-5)
     eval_ref = F.batch_norm(x, split.running_mean, split.running_var)
     assert torch.allclose(split.eval()(x), eval_ref, atol=1e-6)
+
+
+def test_group_views_puts_both_views_of_a_chunk_in_one_bn_group_and_ungroup_inverts_it():
+    """With G groups, BN chunk s of the (2N, ...) batch is [view1 chunk s, view2 chunk s]."""
+    view1, view2 = torch.arange(8.0).view(8, 1), 100 + torch.arange(8.0).view(8, 1)
+    x = s3l.group_views(view1, view2, groups=2)
+    assert x.flatten().tolist() == [0, 1, 2, 3, 100, 101, 102, 103, 4, 5, 6, 7, 104, 105, 106, 107]
+    z1, z2 = s3l.ungroup_views(x, groups=2)
+    assert torch.equal(z1, view1) and torch.equal(z2, view2)
 
 
 def tiny_moco(k=8, m=0.9):
@@ -710,7 +720,8 @@ def test_bench_prints_every_row_with_positive_finite_rates(tmp_path, capsys):
          "--steps", "1", "--warmup", "1", "--workers", "1", "--cache-dir", str(tmp_path),
          "--profile"])
     rows = bench.run(args)
-    expected = [("augment", "s3l batched"), ("augment", "PIL per image")] + [
+    expected = [("augment", "s3l batched"), ("augment", "PIL per image"),
+                ("augment", "PIL decode+aug")] + [
         (m, p) for m in ("moco", "simclr", "byol") for p in ("floor", "s3l", "conventional")]
     assert [(m, p) for m, p, _ in rows] == expected
     assert all(math.isfinite(rate) and rate > 0 for _, _, rate in rows)
