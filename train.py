@@ -756,7 +756,7 @@ def fit(args, runtime, net, forward, params, batch_fn, n_train: int, evaluate, s
             loss_sum += loss.detach()
             images_seen += y.shape[0]
             log.progress(epoch, step, steps, loss_sum, lr, min((step + 1) * bs, n_train), t_epoch,
-                         (args.epochs - epoch) * n_train - (step + 1) * bs)
+                         (args.epochs - epoch) * n_train - min((step + 1) * bs, n_train))
         epoch_s = time.time() - t_epoch
         record = dict(epoch=epoch + 1, loss=loss_sum.item() / steps, lr=lr,
                       epoch_s=round(epoch_s, 2), images_per_s=round(n_train / epoch_s, 1))
