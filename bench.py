@@ -217,6 +217,11 @@ def run(args) -> list:
                 for _ in range(2)]
 
     rows = []
+    if args.compile:  # the compiled augmentation must draw the same views as the eager one
+        x = data.to_float(store.batch(order[:bs], dev))
+        params = augment.sample(bs, size, size, generator)
+        gap = (apply(x, params) - augment.apply(x, params)).abs().max().item()
+        print(f"augmentation: max |view compiled - eager| on one batch = {gap:.2e}")
     rate = timed(our_views, args.warmup, args.steps, bs, dev)
     rows.append(("augment", "s3l batched", rate))
     rng = random.Random(0)
