@@ -486,13 +486,14 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
     is_hue = (order == 3).int()
     pos = torch.argsort(is_hue, dim=1, stable=True)[:, :3]  # (N, 3) steps of the 3 blends, in order
     ops = order.gather(1, pos)  # (N, 3) which blend each is
+    blend_factors = factors.gather(1, ops)  # (N, 3)
     hue_step = is_hue.argmax(dim=1, keepdim=True)  # (N, 1)
     x = x.clone()
     for before_hue in (True, False):
         for j in range(3):
             mine = pos[:, j:j + 1] < hue_step if before_hue else pos[:, j:j + 1] > hue_step
             op = torch.where(mine, ops[:, j:j + 1], -1).view(n)
-            x = _blend_step(x, op, factors.gather(1, ops[:, j:j + 1]).view(n))
+            x = _blend_step(x, op, blend_factors[:, j])
         if before_hue:
             x = _shift_hue(x, factors[:, 3].view(n, 1, 1, 1))
     return x

@@ -455,13 +455,14 @@ def extract_features(backbone, store: data.ImageStore, input_size: int, runtime:
     backbone.eval()
     feats = []
     for start in range(0, len(store), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(store)), device=runtime.device)
+        stop = min(start + batch_size, len(store))
+        idx = torch.arange(start, stop, device=runtime.device)
         x = data.center_view(data.to_float(store.batch(idx, runtime.device)), input_size)
         with runtime.autocast():
             feats.append(backbone.forward_features(runtime.prepare(x)).float())
         if time.time() - t0 > 5:
-            end = "\n" if start + batch_size >= len(store) else ""
-            print(f"\rfeatures: {len(feats) * batch_size}/{len(store)}", end=end, flush=True)
+            end = "\n" if stop == len(store) else ""
+            print(f"\rfeatures: {stop}/{len(store)}", end=end, flush=True)
     backbone.train(was_training)
     feats = torch.cat(feats)
     return F.normalize(feats, dim=1) if normalize else feats
