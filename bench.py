@@ -126,18 +126,15 @@ def make_method(args, name, runtime):
 
     Returns (method, train_step(view1, view2)): forward, backward and SGD step.
     """
-    unset = dict.fromkeys(["moco_k", "moco_m", "moco_t", "simclr_t", "simclr_base_t", "byol_tau",
-                           "byol_hidden_dim", "bn_batch", "lr", "weight_decay", "epochs",
-                           "warmup_epochs"])
-    targs = argparse.Namespace(method=name, arch=args.arch, conv5=True, small_stem=args.small_stem,
-                               dim=128, batch_size=args.batch_size, momentum=0.9, **unset)
-    targs = train.resolve_defaults(targs)
+    paper, bs = train.METHOD_DEFAULTS[name], args.batch_size
+    settings = dict(paper, dim=128, batch_size=bs, bn_batch=min(paper["bn_batch"], bs))
     if name == "moco":  # the queue takes whole batches
-        targs.moco_k = max(args.batch_size, (targs.moco_k // args.batch_size) * args.batch_size)
-    targs.bn_batch = min(targs.bn_batch, args.batch_size)
+        settings["moco_k"] = max(bs, paper["moco_k"] // bs * bs)
     torch.manual_seed(0)
-    method = runtime.place(train.build_method(targs, train.build_backbone(targs)))
-    optimizer = runtime.sgd(method.parameters(), targs)
+    backbone = models.ARCHS[args.arch](small_stem=args.small_stem)
+    method = runtime.place(train.build_method(name, backbone, settings))
+    optimizer = runtime.sgd(method.parameters(), lr=paper["lr"], momentum=0.9,
+                            weight_decay=paper["weight_decay"])
     model = torch.compile(method) if args.compile else method
 
     def train_step(view1, view2):

@@ -505,13 +505,24 @@ def test_resumed_run_reaches_the_same_weights_as_an_uninterrupted_one(tmp_path):
         assert torch.equal(full[key], resumed[key]), key
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_mixed_precision_paths_train_on_cpu_too(tmp_path, amp):
-    """The GPU precision paths (bf16 autocast; fp16 with the gradient scaler) run on CPU as well."""
+def test_bf16_autocast_path_trains_on_cpu(tmp_path):
+    """The GPU's bf16 autocast path runs on CPU as well."""
     root = make_folder(tmp_path / "data", classes=2, per_class=8)
-    train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1", "--amp", amp))
+    train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1", "--amp", "bf16"))
     summary = json.load(open(tmp_path / "run" / "summary.json"))
-    assert math.isfinite(summary["final_loss"]) and summary["device"].startswith(amp)
+    assert math.isfinite(summary["final_loss"]) and summary["device"].startswith("bf16")
+
+
+def test_fp16_gradient_scaler_path_runs_on_cpu_when_forced(tmp_path, monkeypatch):
+    """The CUDA fp16 path (autocast + GradScaler) is exercised on CPU by forcing the runtime, while
+    the --amp fp16 flag itself is refused on a CPU with a message naming it."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    with pytest.raises(SystemExit, match="--amp fp16 needs a CUDA GPU"):
+        train.main(pretrain_argv(root, tmp_path / "refused", "--amp", "fp16"))
+    forced = train.Runtime(torch.device("cpu"), torch.float16, True, "fp16: forced on CPU")
+    monkeypatch.setattr(train, "runtime_for", lambda args: forced)
+    train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1"))
+    assert json.load(open(tmp_path / "run" / "summary.json"))["device"] == forced.reason
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -628,8 +639,7 @@ def test_warmup_trains_only_conv5_and_fc(pretrained_run):
 def test_linear_probe_leaves_the_backbone_bit_identical(pretrained_run):
     tmp, root = pretrained_run
     ckpt = str(tmp / "full" / "checkpoint.pt")
-    train.main(stage_argv("linear", root, tmp, "linear", "--pretrained", ckpt, "--epochs", "2",
-                          "--augment"))
+    train.main(stage_argv("linear", root, tmp, "linear", "--pretrained", ckpt, "--epochs", "2"))
     ssl = s3l.backbone_state(torch.load(ckpt, weights_only=True)["model"])
     probe = torch.load(tmp / "linear" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(probe[k], v) for k, v in ssl.items())
@@ -642,8 +652,8 @@ def test_init_from_loads_every_weight_of_the_earlier_stage(pretrained_run, monke
     loaded = {}
     original = train.init_from
 
-    def spy(method, args):
-        stages = original(method, args)
+    def spy(method, *args):
+        stages = original(method, *args)
         loaded.update({k: v.clone() for k, v in method.state_dict().items()})
         return stages
     monkeypatch.setattr(train, "init_from", spy)
@@ -700,7 +710,8 @@ def test_no_conv5_means_a_fresh_conv5_for_finetune_and_conv1_to_4_for_the_probe(
     tuned = torch.load(tmp / "ft-fresh" / "checkpoint.pt", weights_only=True)["model"]
     assert torch.equal(tuned["layer3.1.conv2.weight"], ssl["layer3.1.conv2.weight"])  # lr 0
     assert not torch.equal(tuned["layer4.0.conv1.weight"], ssl["layer4.0.conv1.weight"])
-    train.main(stage_argv("linear", root, tmp, "lin-conv4", "--pretrained", ckpt, "--no-conv5"))
+    train.main(stage_argv("linear", root, tmp, "lin-conv4", "--pretrained", ckpt, "--no-conv5",
+                          "--cached-features"))
     probe = torch.load(tmp / "lin-conv4" / "checkpoint.pt", weights_only=True)["model"]
     assert probe["fc.weight"].shape == (2, 256) and "layer4.0.conv1.weight" not in probe
 

@@ -1,59 +1,62 @@
-"""The s3l command line: every stage of the S3L pipeline (Cao & Wu 2021, arXiv 2103.13559).
+"""The s3l command line: every stage of S3L (Cao & Wu 2021, arXiv 2103.13559), one subcommand each.
 
   python train.py                      the default job: S3L on the built-in shapes, kNN vs untrained
-  python train.py pretrain --data DIR  MoCo v2, SimCLR or BYOL at small resolution (§3.2-3.5)
-  python train.py warmup-conv5 ...     small architecture: fresh conv5 on frozen SSL conv1-4 (§1.3)
-  python train.py finetune ...         the whole network with mixup, 224 px by default (§3.8)
-  python train.py linear | knn ...     evaluations of frozen features (§3.9)
+  python train.py pretrain --data DIR  MoCo v2, SimCLR or BYOL at small resolution
+  python train.py warmup-conv5 ...     small architecture: fresh conv5 on frozen SSL conv1-4
+  python train.py finetune ...         the whole network with mixup, 224 px by default
+  python train.py linear | knn ...     evaluations of frozen features
   python train.py export CKPT OUT.pt   the backbone as a plain state_dict with torchvision names
 
-Reading order: defaults, parser, device, data, schedule + checkpoints + logs, evaluation, models,
-pretraining, supervised stages, the default job, main. Losses and methods live in s3l.py, ResNets in
-models.py, readers and augmentation in data.py.
+README.md's "Paper map" says which paper section and official script each stage reproduces.
+Reading order: defaults, parser, device, backbone, data, checkpoints and logs, evaluation,
+pretraining, supervised stages, the default job, main. Losses and methods live in s3l.py, ResNets
+in models.py, readers and augmentation in data.py.
 """
 import argparse
-import json
+import hashlib
 import math
 import os
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 import data
 import models
+import runs
 import s3l
 
 # ----- defaults -----------------------------------------------------------------------------------
 
-# The official S3L code's settings on CUB-200 (PAPER.md §3.2, §3.4, §3.5). A pretraining flag left
-# unset takes its method's value; the resolved config is printed and saved as config.json.
+# The official S3L code's settings on CUB-200 (paper map: MoCo v2, SimCLR, BYOL). A pretraining
+# flag left unset takes its method's value; the resolved config is printed and saved as config.json.
 METHOD_DEFAULTS = {
     "moco": dict(lr=0.03, weight_decay=1e-4, batch_size=128, epochs=200, warmup_epochs=0,
                  moco_k=4096, moco_m=0.999, moco_t=0.2, bn_batch=32),  # bn_batch: 4 GPUs x 32
     "simclr": dict(lr=0.5, weight_decay=1e-4, batch_size=512, epochs=200, warmup_epochs=10,
-                   simclr_t=0.1, simclr_base_t=0.07, bn_batch=128),  # warm-up: batch > 256
+                   simclr_t=0.1, simclr_base_t=0.07, bn_batch=128),  # warm-up: batch > 256 only
     "byol": dict(lr=0.125, weight_decay=1e-4, batch_size=128, epochs=800, warmup_epochs=0,
                  byol_tau=0.99, byol_hidden_dim=4096, bn_batch=32),  # tau constant
 }
+WARMUP_MIN_BATCH = 256  # the official SimCLR code warms up only when the batch exceeds this
 
-# Supervised stages (PAPER.md §3.8 fine-tuning, §1.3 conv5 warm-up, §3.9 linear evaluation on target
-# datasets). lr_steps: x0.1 at these epochs; None: cosine per iteration. The warm-up's milestones
-# lie past its 10 epochs, so its lr is a constant 0.1, as in the official script.
+# Supervised stages (paper map: fine-tuning, conv5 warm-up, linear probe on target datasets).
+# lr_steps: x0.1 at these epochs; None: cosine per iteration. The warm-up's milestones lie past its
+# 10 epochs, so its lr is a constant 0.1, as in the official script. The linear probe follows the
+# official CUB script (30 epochs, x0.1 at 10 and 20).
 STAGE_DEFAULTS = {
     "finetune": dict(epochs=120, batch_size=64, lr=0.1, weight_decay=5e-4, lr_steps=None,
-                     mixup=True, input_size=224),
+                     input_size=224),
     "warmup-conv5": dict(epochs=10, batch_size=64, lr=0.1, weight_decay=5e-4, lr_steps=[60, 80],
                          mixup=False, input_size=224),
-    "linear": dict(epochs=60, batch_size=64, lr=10.0, weight_decay=5e-4, lr_steps=[20, 40],
+    "linear": dict(epochs=30, batch_size=64, lr=10.0, weight_decay=5e-4, lr_steps=[10, 20],
                    input_size=224),
 }
 
 # The default job (`python train.py`): S3L's three parts at CPU scale (32 px, ResNet-18, 2,000
-# images), measured at ~4 minutes on 2 cores. SimCLR learns fastest in a few hundred steps (MoCo's
+# images), measured at ~3 minutes on 2 cores. SimCLR learns fastest in a few hundred steps (MoCo's
 # momentum encoder and queue need longer); crop scale 0.5 keeps the shape in most crops of a 32 px
 # image (measured: scale 0.2 gives +6 kNN points, 0.5 gives +16 to +22).
 DEFAULT_JOB = ["pretrain", "--method", "simclr", "--arch", "resnet18", "--input-size", "32",
@@ -72,6 +75,28 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def number(kind=int, low=None, high=None, open_low=False):
+    """An argparse type: a number of `kind` in [low, high] ((low, high] with open_low); a value
+    outside gets an error naming the flag and the allowed range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
+                                             f", got {text!r}") from None
+        too_low = low is not None and (value <= low if open_low else value < low)
+        if too_low or (high is not None and value > high) or not math.isfinite(value):
+            bounds = f"{'(' if open_low else '['}{low}, {high}]" if high is not None else \
+                f"{'>' if open_low else '>='} {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE = number(float, 0, open_low=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="S3L: scaled-down self-supervised learning",
                                      formatter_class=HelpFormatter)
@@ -82,26 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, input_size=112, command="pretrain")
     # method: a flag left unset takes its method's value in METHOD_DEFAULTS
     p.add_argument("--method", choices=sorted(s3l.METHODS), default="moco")
-    p.add_argument("--dim", type=int, default=128, help="projection output dimension")
-    p.add_argument("--moco-k", type=int, help="MoCo queue length K (PAPER.md §3.2: 4096 on CUB)")
-    p.add_argument("--moco-m", type=float, help="MoCo key-encoder momentum")
-    p.add_argument("--moco-t", type=float, help="MoCo softmax temperature")
-    p.add_argument("--simclr-t", type=float, help="SimCLR NT-Xent temperature")
-    p.add_argument("--simclr-base-t", type=float, help="SimCLR loss x t / base-t, as the official "
-                   "SupCon code (PAPER.md §3.4); equal to --simclr-t: the plain NT-Xent")
-    p.add_argument("--byol-tau", type=float, help="BYOL target EMA, constant")
-    p.add_argument("--byol-hidden-dim", type=int, help="BYOL projector/predictor hidden width")
-    p.add_argument("--bn-batch", type=int, help="images per BatchNorm group, emulating per-GPU BN "
-                   "(PAPER.md §9.5); 0: the whole batch")
-    p.add_argument("--crop-scale", type=float, nargs=2, default=[0.2, 1.0],
-                   help="RandomResizedCrop area range (PAPER.md §3.1)")
-    p.add_argument("--solarize-p", type=float, default=0.0, help="solarisation probability (BYOL "
+    p.add_argument("--dim", type=number(int, 1), default=128, help="projection output dimension")
+    p.add_argument("--moco-k", type=number(int, 1), help="MoCo queue length K (official CUB script: 4096)")
+    p.add_argument("--moco-m", type=number(float, 0, 1), help="MoCo key-encoder momentum")
+    p.add_argument("--moco-t", type=POSITIVE, help="MoCo softmax temperature")
+    p.add_argument("--simclr-t", type=POSITIVE, help="SimCLR NT-Xent temperature")
+    p.add_argument("--simclr-base-t", type=POSITIVE, help="SimCLR loss x t / base-t, as the official "
+                   "SupCon-based code; equal to --simclr-t: the plain NT-Xent")
+    p.add_argument("--byol-tau", type=number(float, 0, 1), help="BYOL target EMA, constant")
+    p.add_argument("--byol-hidden-dim", type=number(int, 1), help="BYOL projector/predictor hidden width")
+    p.add_argument("--bn-batch", type=number(int, 0), help="images per BatchNorm group, emulating the official "
+                   "per-GPU BN (default: the method's group, at most the batch); 0: the whole batch")
+    p.add_argument("--crop-scale", type=number(float, 0, 1, open_low=True), nargs=2, default=[0.2, 1.0],
+                   help="RandomResizedCrop area range (MoCo v2 aug-plus)")
+    p.add_argument("--solarize-p", type=number(float, 0, 1), default=0.0, help="solarisation probability (BYOL "
                    "paper's recipe; the S3L code uses none)")
     add_optim_args(p)
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up from lr 0.01, per iteration")
+    p.add_argument("--warmup-epochs", type=number(float, 0), help="linear warm-up from lr 0.01, per iteration "
+                   f"(default: SimCLR's 10 when the batch exceeds {WARMUP_MIN_BATCH}, else 0)")
     p.add_argument("--init-from", help="multi-stage resolution: continue from this earlier stage's "
                    "checkpoint at the new --input-size, with a fresh optimizer and schedule")
-    p.add_argument("--knn-every", type=int, default=10, help="kNN monitor every N epochs and at "
+    p.add_argument("--knn-every", type=number(int, 0), default=10, help="kNN monitor every N epochs and at "
                    "the end (0: only at the end), when labels are available")
     p.add_argument("--knn-train", help="labelled folder for the kNN memory bank (default: the "
                    "train split of --data)")
@@ -110,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_args(p, save_dir="runs/pretrain")
     add_run_args(p)
 
-    helps = {"finetune": "fine-tune the whole network with mixup (PAPER.md §3.8)",
-             "warmup-conv5": "train a fresh conv5 + fc on frozen SSL conv1-4 (§1.3)",
-             "linear": "linear probe on frozen features (§3.9)"}
+    helps = {"finetune": "fine-tune the whole network (mixup when --pretrained)",
+             "warmup-conv5": "train conv5 + fc on frozen SSL conv1-4 (small architecture)",
+             "linear": "linear probe on frozen features"}
     for name, text in helps.items():
         p = commands.add_parser(name, formatter_class=HelpFormatter, help=text)
         add_data_args(p)
@@ -120,24 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pretrained", required=name == "warmup-conv5", help="checkpoint to start "
                        "from: this project's, an export, or the official S3L/MoCo/BYOL ones")
         add_optim_args(p)
-        p.add_argument("--lr-steps", type=int, nargs="*", help="epochs at which lr x0.1; none: "
+        p.add_argument("--lr-steps", type=number(int, 0), nargs="*", help="epochs at which lr x0.1; none: "
                        "cosine per iteration")
         if name == "linear":
-            p.add_argument("--augment", action="store_true", help="random crop + flip through "
-                           "the frozen backbone each epoch, not centre-crop features computed once")
+            p.add_argument("--cached-features", action="store_true", help="train on centre-crop "
+                           "features computed once (fast), not the official protocol's random "
+                           "crop + flip through the frozen backbone every epoch")
         else:
-            p.add_argument("--mixup", action=argparse.BooleanOptionalAction,
-                           help="mixup with one lambda per batch")
-            p.add_argument("--mixup-alpha", type=float, default=1.0, help="lambda ~ Beta(a, a)")
+            p.add_argument("--mixup", action=argparse.BooleanOptionalAction, help="mixup with one "
+                           "lambda per batch (default: on with --pretrained; the official "
+                           "from-scratch baseline trains without it)")
+            p.add_argument("--mixup-alpha", type=POSITIVE, default=1.0, help="lambda ~ Beta(a, a)")
         if name == "warmup-conv5":
             p.add_argument("--frozen-bn-eval", action="store_true", help="keep the BN layers of "
                            "the frozen conv1-4 in eval mode (the official code updates their "
                            "statistics)")
-        p.add_argument("--eval-every", type=int, default=1, help="test top-1 every N epochs and at "
+        p.add_argument("--eval-every", type=number(int, 1), default=1, help="test top-1 every N epochs and at "
                        "the end")
         add_device_args(p, save_dir=f"runs/{name}")
         add_run_args(p)
-        p.set_defaults(conv5=None, **STAGE_DEFAULTS[name])
+        p.set_defaults(**STAGE_DEFAULTS[name])
 
     p = commands.add_parser("knn", formatter_class=HelpFormatter, help="weighted kNN top-1 of a "
                             "checkpoint's backbone (train split as memory, test split as queries)")
@@ -158,19 +186,21 @@ def add_data_args(p):
                    "layout) or a folder of class folders or of images; default: built-in shapes")
     p.add_argument("--train-split", default="train", help="split to train on ('train+val': both)")
     p.add_argument("--test-split", help="split to evaluate on (default: val if present, else test)")
-    p.add_argument("--subset", help="small data (PAPER.md §1.4), seeded by --seed: per-class=N, "
-                   "total=N or classes=C,total=N of the train split; files listed in subset.txt")
-    p.add_argument("--store-size", type=int, help="decoded square size in px (default: input size "
+    p.add_argument("--subset", help="small data, seeded by --seed: per-class=N, total=N or "
+                   "classes=C,total=N of the train split; files listed in subset.txt")
+    p.add_argument("--store-size", type=number(int, 8), help="decoded square size in px (default: input size "
                    "x 8/7, as Resize(256) for 224 crops)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "s3l"),
                    help="where decoded splits are cached")
-    p.add_argument("--workers", type=int, default=0, help="decoding processes (0: one per core)")
+    p.add_argument("--workers", type=number(int, 0), default=0, help="decoding processes (0: one per core)")
 
 
 CONV5_HELP = {  # what --no-conv5 means to each command
     "pretrain": "--no-conv5 removes layer4: S3L's small architecture",
     "finetune": "--no-conv5 leaves the checkpoint's layer4 unused: a fresh conv5 is fine-tuned "
                 "(the official main.py --no-conv5 ablation)",
+    "warmup-conv5": "--no-conv5 warms up a fresh conv5 even when the checkpoint has one (default: "
+                    "the checkpoint's conv5, fresh only for a small-architecture checkpoint)",
     "linear": "--no-conv5 evaluates conv1-4 only (default: the checkpoint's layers)",
     "knn": "--no-conv5 evaluates conv1-4 only (default: the checkpoint's layers)"}
 
@@ -178,25 +208,24 @@ CONV5_HELP = {  # what --no-conv5 means to each command
 def add_model_args(p, input_size, command):
     p.add_argument("--arch", choices=sorted(models.ARCHS), help="backbone (default: the "
                    "checkpoint's, else resnet50 as in the paper)")
-    if command in CONV5_HELP:  # the warm-up always trains a fresh conv5
-        p.add_argument("--conv5", action=argparse.BooleanOptionalAction, help=CONV5_HELP[command])
+    p.add_argument("--conv5", action=argparse.BooleanOptionalAction, help=CONV5_HELP[command])
     p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 conv1 "
                    "and no max-pool, for inputs of 64 px and below")
-    p.add_argument("--input-size", type=int, default=input_size, help="resolution in px (S3L "
+    p.add_argument("--input-size", type=number(int, 8), default=input_size, help="resolution in px (S3L "
                    "pretrains at 112 or 56 and fine-tunes at 224; kNN: the checkpoint's)")
 
 
 def add_optim_args(p):
-    p.add_argument("--epochs", type=int, help="passes over the training split")
-    p.add_argument("--batch-size", type=int, help="images per step")
-    p.add_argument("--lr", type=float, help="base learning rate, SGD")
-    p.add_argument("--weight-decay", "--wd", type=float, help="on every parameter, BN included")
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--epochs", type=number(int, 1), help="passes over the training split")
+    p.add_argument("--batch-size", type=number(int, 2), help="images per step")
+    p.add_argument("--lr", type=number(float, 0), help="base learning rate, SGD")
+    p.add_argument("--weight-decay", "--wd", type=number(float, 0), help="on every parameter, BN included")
+    p.add_argument("--momentum", type=number(float, 0, 1), default=0.9)
 
 
 def add_knn_args(p):
-    p.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted kNN")
-    p.add_argument("--knn-t", type=float, default=0.1, help="temperature of the kNN vote weights")
+    p.add_argument("--knn-k", type=number(int, 1), default=200, help="neighbours of the weighted kNN")
+    p.add_argument("--knn-t", type=POSITIVE, default=0.1, help="temperature of the kNN vote weights")
 
 
 def add_device_args(p, save_dir):
@@ -205,31 +234,53 @@ def add_device_args(p, save_dir):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="autocast dtype; auto: bf16 on CUDA GPUs that have it, else fp16; CPU: off")
+                   help="autocast dtype. CUDA: auto is bf16 on compute capability >= 8.0 (Ampere "
+                   "on), else fp16 with a gradient scaler; off is fp32 (see --tf32). CPU: auto "
+                   "and off are fp32, bf16 works (slower on most CPUs)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA on Ampere or newer: TF32 matmuls and convolutions in fp32 layers")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format (measured 1.2-1.4x faster convolutions on CPU)")
 
 
 def add_run_args(p):
-    p.add_argument("--resume", help="checkpoint of this run to continue exactly from")
-    p.add_argument("--save-every", type=int, default=20, help="numbered checkpoint every N epochs")
+    p.add_argument("--resume", help="checkpoint of this run to continue exactly from (the "
+                   "settings that define the run must match it)")
+    p.add_argument("--force-resume", action="store_true", help="resume even when those settings "
+                   "differ from the checkpoint's (they are listed)")
+    p.add_argument("--save-every", type=number(int, 1), default=20, help="numbered checkpoint every N epochs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model and the "
                    "augmentation (same loss to float tolerance)")
-    p.add_argument("--print-freq", type=int, default=10, help="progress line (and loss read-back) "
+    p.add_argument("--print-freq", type=number(int, 1), default=10, help="progress line (and loss read-back) "
                    "every N steps")
 
 
-def resolve_defaults(args) -> argparse.Namespace:
-    """Fill the flags left unset with the method's paper values (METHOD_DEFAULTS)."""
-    for key, value in METHOD_DEFAULTS.get(getattr(args, "method", None), {}).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    return args
+def parse_args(argv) -> argparse.Namespace:
+    """Parse argv and resolve, once, every default that depends on other flags: a pretraining flag
+    left unset takes its method's value (METHOD_DEFAULTS); SimCLR warms up only above a batch of
+    WARMUP_MIN_BATCH; a BN group never exceeds the batch; fine-tuning uses mixup only from a
+    pretrained checkpoint. Nothing changes the returned settings afterwards."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "crop_scale", [0, 0])[0] > getattr(args, "crop_scale", [0, 0])[1]:
+        parser.error(f"--crop-scale {args.crop_scale[0]} {args.crop_scale[1]}: the smaller area "
+                     "fraction comes first")
+    settings = dict(vars(args))
+    if args.command == "pretrain":
+        paper = METHOD_DEFAULTS[args.method]
+        settings.update({k: v for k, v in paper.items() if settings[k] is None})
+        if args.warmup_epochs is None and settings["batch_size"] <= WARMUP_MIN_BATCH:
+            settings["warmup_epochs"] = 0
+        if args.bn_batch is None:
+            settings["bn_batch"] = min(paper["bn_batch"], settings["batch_size"])
+    if args.command == "finetune" and args.mixup is None:
+        settings["mixup"] = args.pretrained is not None
+    return argparse.Namespace(**settings)
 
 
 # ----- device and precision: decided here, once ---------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class Runtime:
     device: torch.device
     amp_dtype: torch.dtype  # None: fp32
@@ -248,37 +299,135 @@ class Runtime:
         fmt = torch.channels_last if self.channels_last else torch.preserve_format
         return module.to(self.device, memory_format=fmt)
 
-    def sgd(self, params, args) -> torch.optim.SGD:
-        """SGD with weight decay on every parameter (PAPER.md §9.19), as one fused kernel: on CPU
-        11x faster than foreach for ResNet-18 (5 vs 62 ms a step, measured), same arithmetic."""
-        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
-                               weight_decay=args.weight_decay, fused=True)
+    def sgd(self, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+        """SGD with weight decay on every parameter, BN and biases included (as the official code),
+        as one fused kernel: on CPU 11x faster than foreach for ResNet-18 (5 vs 62 ms a step,
+        measured), same arithmetic."""
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               fused=True)
 
     def scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
 
-def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = True) -> Runtime:
-    """Device and autocast dtype, with the reason. CPU: fp32 (autocast is slower on most CPUs)."""
+def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = True,
+                 tf32: bool = True) -> Runtime:
+    """Device and autocast dtype, with the reason. CPU: fp32 (autocast is slower on most CPUs).
+
+    CUDA: bf16 only from compute capability 8.0 (Ampere): torch.cuda.is_bf16_supported() is also
+    true on older GPUs, where bf16 is emulated and convolutions are very slow; fp16 there.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda was asked for, but torch sees no CUDA GPU: use cpu")
-        torch.backends.cudnn.benchmark = True  # the same shapes every step: pick the fastest conv
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if amp == "auto":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         cap = torch.cuda.get_device_capability(device)
-        name = f"CUDA {torch.cuda.get_device_name(device)}, SM {cap[0]}.{cap[1]}"
+        torch.backends.cudnn.benchmark = True  # the same shapes every step: pick the fastest conv
+        tf32 = tf32 and cap >= (8, 0)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        if amp == "auto":
+            amp = "bf16" if cap >= (8, 0) else "fp16"
+        name = f"CUDA {torch.cuda.get_device_name(device)}, SM {cap[0]}.{cap[1]}" + \
+            (", tf32" if tf32 else "")
     else:
+        if amp == "fp16":  # measured: fp16 autocast on CPU gives a NaN loss from the first epoch
+            raise SystemExit("--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 or off")
         amp = "off" if amp == "auto" else amp
         name = f"CPU, {torch.get_num_threads()} threads"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     reason = f"{amp if dtype else 'fp32'}: {name}" + (", channels_last" if channels_last else "")
     print(f"device: {reason}")
     return Runtime(device, dtype, channels_last, reason)
+
+
+def runtime_for(args) -> Runtime:
+    return setup_device(args.device, args.amp, args.channels_last, args.tf32)
+
+
+# ----- the backbone: resolved once from the flags and the checkpoint ------------------------------
+
+@dataclass(frozen=True)
+class Backbone:
+    """The ResNet a stage builds. conv5=False is S3L's small architecture (no layer4)."""
+    arch: str
+    conv5: bool
+    small_stem: bool
+    input_size: int
+
+    def build(self, num_classes: int = 0) -> models.ResNet:
+        return models.ARCHS[self.arch](num_classes, conv5=self.conv5, small_stem=self.small_stem)
+
+
+def resolve_backbone(args, state=None, input_size=None) -> Backbone:
+    """--arch, --small-stem, --conv5 and --input-size, checked against a checkpoint's backbone.
+
+    state: a backbone state_dict or None. Without one: the flags, else the paper's ResNet-50 with
+    conv5 and ImageNet stem. With one: its architecture read off its keys and shapes (a flag that
+    contradicts it exits), conv5 as the checkpoint unless --conv5/--no-conv5 says otherwise.
+    input_size: the size to use when --input-size is unset (kNN: the checkpoint's).
+    """
+    size = args.input_size or input_size or 224
+    if state is None:
+        return Backbone(args.arch or "resnet50", args.conv5 is not False, bool(args.small_stem),
+                        size)
+    arch, conv5, small_stem = s3l.infer_arch(state)
+    if (args.arch or arch) != arch or args.small_stem not in (None, small_stem):
+        asked = f"--arch {args.arch or arch}" + ("" if args.small_stem is None else
+                                                 f" --{'' if args.small_stem else 'no-'}small-stem")
+        raise SystemExit(f"the checkpoint holds a {arch} backbone (small_stem={small_stem}, "
+                         f"conv5={conv5}), but {asked} was asked: drop the flag or pass a matching "
+                         "checkpoint")
+    return Backbone(arch, conv5 if args.conv5 is None else args.conv5, small_stem, size)
+
+
+def build_method(name: str, encoder, settings: dict) -> torch.nn.Module:
+    """The SSL method `name` around `encoder`; settings: the pretraining flags by name (moco_k,
+    simclr_t, byol_tau, ..., batch_size, bn_batch, dim), e.g. vars(args) or METHOD_DEFAULTS."""
+    bn_splits = settings["batch_size"] // settings["bn_batch"] if settings["bn_batch"] else 1
+    if name == "moco":
+        return s3l.MoCo(encoder, dim=settings["dim"], moco_k=settings["moco_k"],
+                        moco_m=settings["moco_m"], moco_t=settings["moco_t"], bn_splits=bn_splits)
+    if name == "simclr":
+        return s3l.SimCLR(encoder, dim=settings["dim"], temperature=settings["simclr_t"],
+                          base_temperature=settings["simclr_base_t"], bn_splits=bn_splits)
+    return s3l.BYOL(encoder, dim=settings["dim"], hidden_dim=settings["byol_hidden_dim"],
+                    tau=settings["byol_tau"], bn_splits=bn_splits)
+
+
+def pretrained_backbone(path: str):
+    """(checkpoint, backbone state_dict with torchvision names) of a checkpoint, or (None, None).
+
+    Ours keep the model under "model", the official ones under "state_dict"; exports are plain.
+    """
+    if not path:
+        return None, None
+    ckpt = runs.read_checkpoint(path)
+    state = ckpt["model"] if ckpt.get("format") == "s3l" else ckpt.get("state_dict", ckpt)
+    backbone = s3l.backbone_state(state) if isinstance(state, dict) else {}
+    if not isinstance(backbone.get("conv1.weight"), torch.Tensor):
+        raise SystemExit(f"{path}: no ResNet backbone found (expected keys like conv1.weight, "
+                         f"layer1.0.conv1.weight, under one of "
+                         f"{', '.join(s3l.BACKBONE_PREFIXES)}); found: {', '.join(list(ckpt)[:6])}")
+    return ckpt, backbone
+
+
+def load_pretrained(model, state: dict, path: str, keep_conv5: bool) -> None:
+    """Load a backbone state into a ResNet. A conv5 that is not kept (keep_conv5=False) or not in
+    the checkpoint (small architecture) starts freshly initialised, and a line says so."""
+    had_conv5 = any(k.startswith("layer4.") for k in state)
+    if not keep_conv5:
+        state = {k: v for k, v in state.items() if not k.startswith("layer4.")}
+    allow = ("fc.",)
+    if model.layer4 is not None and not (keep_conv5 and had_conv5):
+        allow += ("layer4.",)
+        why = "left unused" if had_conv5 else "not in the checkpoint (small architecture)"
+        print(f"{path}: conv5 (layer4) {why}: it starts freshly initialised")
+    try:
+        s3l.load_backbone(model, state, allow)
+    except ValueError as e:
+        raise SystemExit(f"--pretrained {path}: {e}") from None
 
 
 # ----- data ---------------------------------------------------------------------------------------
@@ -290,11 +439,11 @@ def store_bytes_limit(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 3
 
 
-def load_store(args, split: str, runtime: Runtime, root=None) -> data.ImageStore:
+def load_store(args, split: str, input_size: int, runtime: Runtime, root=None) -> data.ImageStore:
     """One split of --data (or `root`), decoded or read from the cache, on the training device."""
-    root, size = root or args.data, args.store_size or round(args.input_size * 8 / 7)
-    if size < args.input_size:
-        raise SystemExit(f"--store-size {size} is smaller than --input-size {args.input_size}")
+    root, size = root or args.data, args.store_size or round(input_size * 8 / 7)
+    if size < input_size:
+        raise SystemExit(f"--store-size {size} is smaller than --input-size {input_size}")
     if root is None:  # the built-in shapes: generated in seconds, never cached
         n, seed = (BUILTIN_TRAIN, 0) if split == "train" else (BUILTIN_TEST, 1)
         images, labels = data.synthetic_dataset(n, size, seed)
@@ -309,9 +458,9 @@ def load_store(args, split: str, runtime: Runtime, root=None) -> data.ImageStore
     return store
 
 
-def load_train_store(args, runtime: Runtime) -> data.ImageStore:
+def load_train_store(args, input_size: int, runtime: Runtime) -> data.ImageStore:
     """The training split, cut to --subset (seeded); the chosen files go to SAVE_DIR/subset.txt."""
-    store = load_store(args, args.train_split, runtime)
+    store = load_store(args, args.train_split, input_size, runtime)
     if not args.subset:
         return store
     labels = None if store.labels is None else store.labels.tolist()
@@ -323,14 +472,19 @@ def load_train_store(args, runtime: Runtime) -> data.ImageStore:
     return store.subset(idx)
 
 
+def store_report(store: data.ImageStore) -> dict:
+    """What summary.json says about a training split."""
+    return dict(train_images=len(store))
+
+
 def test_split(args) -> str:
     return args.test_split or ("test" if args.data is None else data.default_eval_split(args.data))
 
 
-def labelled_splits(args, runtime: Runtime):
+def labelled_splits(args, input_size: int, runtime: Runtime):
     """Train (after --subset) and test stores with the same class folders, or a clear error."""
-    train_store, test_store = load_train_store(args, runtime), load_store(args, test_split(args),
-                                                                          runtime)
+    train_store = load_train_store(args, input_size, runtime)
+    test_store = load_store(args, test_split(args), input_size, runtime)
     if train_store.labels is None or test_store.labels is None:
         raise SystemExit(f"{args.command} needs labels: --data must hold class folders (or CUB's "
                          "layout)")
@@ -342,6 +496,26 @@ def labelled_splits(args, runtime: Runtime):
     return train_store, test_store
 
 
+def knn_stores(args, train_store, input_size: int, runtime: Runtime):
+    """Memory bank and queries of the kNN monitor, or (None, None) when there are no labels."""
+    if args.knn_train or args.knn_val:
+        if not (args.knn_train and args.knn_val):
+            raise SystemExit("--knn-train and --knn-val go together: give both labelled folders")
+        bank, queries = (load_store(args, "train", input_size, runtime, root=r)
+                         for r in (args.knn_train, args.knn_val))
+    elif train_store.labels is None:
+        return None, None
+    else:
+        try:
+            bank, queries = train_store, load_store(args, test_split(args), input_size, runtime)
+        except ValueError:
+            print(f"kNN monitor off: no labelled '{test_split(args)}' split in {args.data}")
+            return None, None
+    if bank.labels is None or queries.labels is None or bank.classes != queries.classes:
+        raise SystemExit("the kNN memory bank and queries need the same labelled class folders")
+    return bank, queries
+
+
 # ----- schedule, checkpoints, logs ----------------------------------------------------------------
 
 def lr_at(epoch: float, epochs: int, base_lr: float, warmup_epochs: float = 0.0, steps=None,
@@ -349,7 +523,8 @@ def lr_at(epoch: float, epochs: int, base_lr: float, warmup_epochs: float = 0.0,
     """Linear warm-up from `warmup_from`, then cosine to 0, base_lr (1 + cos(pi t)) / 2; or, with
     `steps`, base_lr x 0.1 at each of those epochs (the official --step-lr).
 
-    epoch: whole for the official per-epoch cosine, fractional for a per-iteration one (§9.8).
+    epoch: whole for the official per-epoch cosine of pretraining, fractional for the per-iteration
+    cosine of fine-tuning and for the warm-up.
     """
     if steps:
         return base_lr * 0.1 ** sum(epoch >= s for s in steps)
@@ -357,6 +532,11 @@ def lr_at(epoch: float, epochs: int, base_lr: float, warmup_epochs: float = 0.0,
         return warmup_from + (base_lr - warmup_from) * epoch / warmup_epochs
     t = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1)
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def epoch_order(seed: int, epoch: int, n: int, generator, device) -> torch.Tensor:
@@ -369,80 +549,18 @@ def epoch_order(seed: int, epoch: int, n: int, generator, device) -> torch.Tenso
     return torch.randperm(n, generator=torch.Generator().manual_seed(s)).to(device)
 
 
-def set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def run_log(args, runtime: Runtime, backbone: Backbone, resumed=None) -> runs.RunLog:
+    """The run folder of this command, its config.json holding every resolved setting."""
+    config = dict(vars(args), backbone=asdict(backbone), runtime=runtime.reason)
+    return runs.RunLog(args.save_dir, config, resumed["epoch"] if resumed else None)
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write atomically (temp file + rename): a crash mid-write never leaves a broken checkpoint."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def read_checkpoint(path: str) -> dict:
-    """Load a checkpoint file to CPU, or exit saying what it is and what was expected."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- a truncated zip, a pickle of code, a text file, ...
-        raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. Expected a file "
-                         "written by torch.save: this project's checkpoints or exports, or the "
-                         "official S3L/MoCo ones") from None
-    if not isinstance(ckpt, dict):
-        raise SystemExit(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
-    return ckpt
-
-
-class RunLog:
-    """A run folder that describes itself: config.json, log.jsonl (one record per epoch), and
-    summary.json."""
-
-    def __init__(self, args, runtime: Runtime):
-        os.makedirs(args.save_dir, exist_ok=True)
-        self.save_dir, self.epochs = args.save_dir, getattr(args, "epochs", None)
-        self.print_freq = getattr(args, "print_freq", 1)
-        try:  # the commit the code came from, if it runs from a git checkout
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
-                                    timeout=5).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            commit = ""
-        config = dict(vars(args), torch=torch.__version__, runtime=runtime.reason,
-                      git_commit=commit)
-        with open(os.path.join(args.save_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        resume = getattr(args, "resume", None)
-        self.log_file = open(os.path.join(args.save_dir, "log.jsonl"), "a" if resume else "w")
-        print("config: " + json.dumps({k: v for k, v in config.items() if v is not None}))
-
-    def progress(self, epoch, step, steps, loss_sum, lr, images_done, t_epoch, images_left):
-        """The live line, every --print-freq steps (reading the loss back syncs the device)."""
-        if (step + 1) % self.print_freq and step + 1 != steps:
-            return
-        rate = images_done / (time.time() - t_epoch)
-        print(f"\repoch {epoch + 1}/{self.epochs} step {step + 1}/{steps} loss "
-              f"{loss_sum.item() / (step + 1):.4f} lr {lr:.4g} {rate:.0f} img/s eta "
-              f"{images_left / rate / 60:.1f} min   ", end="", flush=True)
-
-    def record(self, record: dict) -> None:
-        self.log_file.write(json.dumps(record) + "\n")
-        self.log_file.flush()
-        print("\r" + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in record.items()) + " " * 10)
-
-    def summary(self, summary: dict) -> None:
-        with open(os.path.join(self.save_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        self.log_file.close()
-
-
-def stage_record(args, backbone, wall_s: float, **extra) -> dict:
-    """One stage of the pipeline for cost accounting (PAPER.md §9.21): what ran, how long, MACs."""
-    return dict(command=args.command, input_size=args.input_size, epochs=args.epochs,
-                wall_s=round(wall_s, 1), macs_per_image=models.macs(backbone, args.input_size),
-                **extra)
+def stage_record(command: str, backbone: Backbone, epochs: int, wall_s: float, macs: int,
+                 **extra) -> dict:
+    """One stage of the pipeline for cost accounting: what ran, how long, forward MACs per image
+    of the backbone (models.macs)."""
+    return dict(command=command, input_size=backbone.input_size, epochs=epochs,
+                wall_s=round(wall_s, 1), macs_per_image=macs, **extra)
 
 
 # ----- evaluation ---------------------------------------------------------------------------------
@@ -468,10 +586,11 @@ def extract_features(backbone, store: data.ImageStore, input_size: int, runtime:
     return F.normalize(feats, dim=1) if normalize else feats
 
 
-def knn_eval(backbone, bank: data.ImageStore, queries: data.ImageStore, args, runtime) -> float:
+def knn_eval(backbone, bank: data.ImageStore, queries: data.ImageStore, input_size: int,
+             runtime: Runtime, k: int, t: float) -> float:
     """kNN top-1 (%) of `backbone`: `bank` is the labelled memory, `queries` are classified."""
-    feats = [extract_features(backbone, s, args.input_size, runtime) for s in (bank, queries)]
-    return s3l.knn_top1(feats[0], bank.labels, feats[1], queries.labels, args.knn_k, args.knn_t)
+    feats = [extract_features(backbone, s, input_size, runtime) for s in (bank, queries)]
+    return s3l.knn_top1(feats[0], bank.labels, feats[1], queries.labels, k, t)
 
 
 @torch.no_grad()
@@ -485,74 +604,6 @@ def classify_top1(model, store: data.ImageStore, input_size: int, runtime: Runti
         with runtime.autocast():
             correct += (model(runtime.prepare(x)).argmax(1) == store.labels[idx]).sum().item()
     return 100.0 * correct / len(store)
-
-
-# ----- models and checkpoints of any origin -------------------------------------------------------
-
-def build_backbone(args, num_classes: int = 0) -> torch.nn.Module:
-    return models.ARCHS[args.arch](num_classes, conv5=args.conv5, small_stem=args.small_stem)
-
-
-def build_method(args, encoder) -> torch.nn.Module:
-    """The SSL method of args.method around `encoder`, with the method's keyword names."""
-    bn_splits = args.batch_size // args.bn_batch if args.bn_batch else 1
-    if args.method == "moco":
-        return s3l.MoCo(encoder, args.dim, args.moco_k, args.moco_m, args.moco_t, bn_splits)
-    if args.method == "simclr":
-        return s3l.SimCLR(encoder, args.dim, args.simclr_t, args.simclr_base_t, bn_splits)
-    return s3l.BYOL(encoder, args.dim, args.byol_hidden_dim, args.byol_tau, bn_splits)
-
-
-def pretrained_backbone(path: str):
-    """(checkpoint, backbone state_dict with torchvision names) of a checkpoint, or (None, None).
-
-    Ours keep the model under "model", the official ones under "state_dict"; exports are plain.
-    """
-    if not path:
-        return None, None
-    ckpt = read_checkpoint(path)
-    state = ckpt["model"] if ckpt.get("format") == "s3l" else ckpt.get("state_dict", ckpt)
-    backbone = s3l.backbone_state(state) if isinstance(state, dict) else {}
-    if not isinstance(backbone.get("conv1.weight"), torch.Tensor):
-        raise SystemExit(f"{path}: no ResNet backbone found (expected keys like conv1.weight, "
-                         f"layer1.0.conv1.weight, under one of "
-                         f"{', '.join(s3l.BACKBONE_PREFIXES)}); found: {', '.join(list(ckpt)[:6])}")
-    return ckpt, backbone
-
-
-def resolve_arch(args, state) -> None:
-    """--arch, --small-stem, --conv5: the flags, else read off the checkpoint's keys and shapes,
-    else the paper's (resnet50, ImageNet stem, conv5). A flag contradicting the checkpoint exits."""
-    if state is None:
-        args.arch = args.arch or "resnet50"
-        args.small_stem, args.conv5 = bool(args.small_stem), args.conv5 is not False
-        return
-    arch, conv5, small_stem = s3l.infer_arch(state)
-    if (args.arch or arch) != arch or args.small_stem not in (None, small_stem):
-        asked = f"--arch {args.arch or arch}" + ("" if args.small_stem is None else
-                                                 f" --{'' if args.small_stem else 'no-'}small-stem")
-        raise SystemExit(f"the checkpoint holds a {arch} backbone (small_stem={small_stem}, "
-                         f"conv5={conv5}), but {asked} was asked: drop the flag or pass a matching "
-                         "checkpoint")
-    args.arch, args.small_stem = arch, small_stem
-    args.conv5 = conv5 if args.conv5 is None else args.conv5
-
-
-def load_pretrained(model, state: dict, path: str, drop=()) -> None:
-    """Load a backbone state into a ResNet; `drop`: prefixes left unused (conv5, for the warm-up
-    and --no-conv5). A conv5 that is dropped or absent (small architecture) starts fresh, and a
-    line says so."""
-    had_conv5 = any(k.startswith("layer4.") for k in state)
-    state = {k: v for k, v in state.items() if not k.startswith(tuple(drop))}
-    allow = ("fc.",) + tuple(drop)
-    if model.layer4 is not None and not any(k.startswith("layer4.") for k in state):
-        allow += ("layer4.",)
-        why = "left unused" if had_conv5 else "not in the checkpoint (small architecture)"
-        print(f"{path}: conv5 (layer4) {why}: it starts freshly initialised")
-    try:
-        s3l.load_backbone(model, state, allow)
-    except ValueError as e:
-        raise SystemExit(f"--pretrained {path}: {e}") from None
 
 
 # ----- pretraining: one loop for every method -----------------------------------------------------
@@ -570,316 +621,414 @@ def check_pretrain_args(args, n_train: int) -> None:
                          f"{args.batch_size} (MoCo's queue takes whole batches): change one")
 
 
+def init_from(method, path: str, backbone: Backbone, method_name: str) -> list:
+    """Multi-stage resolution (112 -> 224, paper map): start from an earlier stage's weights. The
+    same method loads its whole state (encoders, heads, and the queue when its size matches);
+    another method loads the backbone only. Returns the earlier stages, for cost accounting."""
+    ckpt = runs.read_checkpoint(path)
+    if ckpt.get("format") != "s3l" or ckpt.get("kind") != "pretrain":
+        raise SystemExit(f"--init-from {path} is not a pretraining checkpoint of s3l")
+    state, old = ckpt["model"], Backbone(**ckpt["backbone"])
+    if replace(old, input_size=backbone.input_size) != backbone:
+        raise SystemExit(f"--init-from {path} holds {old.arch} conv5={old.conv5} "
+                         f"small_stem={old.small_stem}, but this run builds {backbone.arch} "
+                         f"conv5={backbone.conv5} small_stem={backbone.small_stem}")
+    if ckpt["config"]["method"] == method_name:
+        if "queue" in state and state["queue"].shape != method.queue.shape:
+            print(f"--init-from: the queue of size {tuple(state['queue'].shape)} dropped")
+            state = {k: v for k, v in state.items() if not k.startswith("queue")}
+        missing, unexpected = method.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("queue")]:
+            raise SystemExit(f"--init-from {path}: missing {missing}, unexpected {unexpected}")
+    else:
+        s3l.load_backbone(method.backbone, s3l.backbone_state(state))
+        print(f"--init-from: a {ckpt['config']['method']} checkpoint, so the backbone only")
+    print(f"initialised from {path} ({old.input_size} px, {len(ckpt['stages'])} earlier stage(s))")
+    return ckpt["stages"]
+
+
 def pretrain(args) -> dict:
-    """Self-supervised pretraining (PAPER.md §1.1, step 1); returns the summary."""
-    args = resolve_defaults(args)
-    resumed = read_checkpoint(args.resume) if args.resume else None
-    if resumed:  # the architecture is the checkpoint's
-        args.arch, args.conv5, args.small_stem = (resumed["config"][k] for k in
-                                                   ("arch", "conv5", "small_stem"))
-    resolve_arch(args, None)
-    runtime = setup_device(args.device, args.amp, args.channels_last)
-    train_store = load_train_store(args, runtime)
+    """Self-supervised pretraining, step 1 of the S3L recipe (paper map); returns the summary."""
+    resumed = resume_checkpoint(args)
+    backbone = Backbone(**resumed["backbone"]) if resumed else resolve_backbone(args)
+    runtime = runtime_for(args)
+    train_store = load_train_store(args, backbone.input_size, runtime)
     check_pretrain_args(args, len(train_store))
-    bank, queries = knn_stores(args, train_store, runtime)
-    log = RunLog(args, runtime)
+    if resumed:
+        check_resume(args, resumed, train_store.paths)
+    bank, queries = knn_stores(args, train_store, backbone.input_size, runtime)
+    log = run_log(args, runtime, backbone, resumed)
 
     torch.manual_seed(args.seed)
-    method = runtime.place(build_method(args, build_backbone(args)))
-    optimizer = runtime.sgd([p for p in method.parameters() if p.requires_grad], args)
-    scaler = runtime.scaler()
-    start_epoch, wall_before, stages = 0, 0.0, init_from(method, args) if args.init_from else []
+    method = runtime.place(build_method(args.method, backbone.build(), vars(args)))
+    params = [p for p in method.parameters() if p.requires_grad]
+    state = runs.TrainState(method, runtime.sgd(params, args.lr, args.momentum, args.weight_decay),
+                            runtime.scaler())
+    stages = init_from(method, args.init_from, backbone, args.method) if args.init_from else []
     if resumed:
-        method.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scaler.load_state_dict(resumed["scaler"])
-        start_epoch, wall_before = resumed["epoch"], resumed["wall_s"]
+        state.resume(resumed)
         stages = resumed["stages"][:-1]
-    model = torch.compile(method) if args.compile else method  # state_dict() from `method` only
-    n, bs, size = len(train_store), args.batch_size, train_store.size
-    augment = data.SSLAugment(args.input_size, scale=tuple(args.crop_scale),
+    augment = data.SSLAugment(backbone.input_size, scale=tuple(args.crop_scale),
                               solarize_p=args.solarize_p)
+    t0 = time.time()
+    record, knn = train_ssl(args, runtime, state, train_store, augment, log=log, resumed=resumed,
+                            knn_sets=(bank, queries), backbone=backbone, stages=stages)
+    start_epoch = resumed["epoch"] if resumed else 0
+    wall = (resumed["wall_s"] if resumed else 0.0) + time.time() - t0
+    n_images = (args.epochs - start_epoch) * (len(train_store) // args.batch_size) * args.batch_size
+    macs = models.macs(backbone.build(), backbone.input_size)
+    stage = stage_record("pretrain", backbone, args.epochs, wall, macs, method=args.method,
+                         images=len(train_store))
+    summary = dict(command="pretrain", method=args.method, **asdict(backbone), epochs=args.epochs,
+                   final_loss=record.get("loss"), knn_top1=knn, wall_s=round(wall, 1),
+                   macs_per_image=macs, images_per_s=round(n_images / (time.time() - t0), 1),
+                   device=runtime.reason, checkpoint=os.path.join(args.save_dir, "checkpoint.pt"),
+                   stages=stages + [stage], **store_report(train_store))
+    log.summary(summary)
+    return summary
+
+
+def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, resumed,
+              knn_sets, backbone: Backbone, stages: list):
+    """The pretraining loop, the same for every method: per step, two augmented views of a batch
+    and `loss = method(view1, view2)`; per epoch, a log record, the kNN monitor and a checkpoint.
+    Returns (the last epoch's record, the last kNN top-1 or None)."""
+    method, optimizer, scaler = state.model, state.optimizer, state.scaler
+    model = torch.compile(method) if args.compile else method  # state_dict() from `method` only
     apply = torch.compile(augment.apply) if args.compile else augment.apply  # one fused graph
     generator = torch.Generator(runtime.device)
-
-    def view(images):  # one augmented view of each image, its parameters drawn from `generator`
-        return runtime.prepare(apply(images, augment.sample(len(images), size, size, generator)))
-
+    n, bs, size = len(train_store), args.batch_size, train_store.size
     steps = n // bs  # drop_last, as the official loaders
-    macs = models.macs(method.backbone, args.input_size)
-    t_start, images_seen, knn, record = time.time(), 0, None, {}
-    print(f"pretraining {args.method} {args.arch} conv5={args.conv5} at {args.input_size} px on "
-          f"{n} images: {steps} steps/epoch, {macs / 1e9:.3f} GMACs/image forward")
-    for epoch in range(start_epoch, args.epochs):
+    macs = models.macs(backbone.build(), backbone.input_size)
+    start, interrupt, t0 = resume_point(resumed), runs.Interrupt(), time.time()
+    print(f"pretraining {args.method} {backbone.arch} conv5={backbone.conv5} at "
+          f"{backbone.input_size} px on {n} images: {steps} steps/epoch, BN groups of "
+          f"{args.bn_batch or bs} images")
+    record, knn = {}, None
+    for epoch in range(start["epoch"], args.epochs):
         order = epoch_order(args.seed, epoch, n, generator, runtime.device)
+        meter = epoch_meter(args, start, epoch, steps, steps * bs, generator, runtime)
         method.train()
-        t_epoch, loss_sum = time.time(), torch.zeros((), device=runtime.device)
-        for step in range(steps):
+        for step in range(meter.first_step, steps):
             # the official cosine is per epoch; the warm-up per iteration
-            e = epoch + step / steps if epoch < args.warmup_epochs else epoch
-            set_lr(optimizer, lr := lr_at(e, args.epochs, args.lr, args.warmup_epochs))
-            images = data.to_float(train_store.batch(order[step * bs:(step + 1) * bs],
-                                                     runtime.device))
-            view1, view2 = view(images), view(images)
+            lr_epoch = epoch + step / steps if epoch < args.warmup_epochs else epoch
+            lr = lr_at(lr_epoch, args.epochs, args.lr, args.warmup_epochs)
+            set_lr(optimizer, lr)
+            idx = order[step * bs:(step + 1) * bs]
+            images = data.to_float(train_store.batch(idx, runtime.device))
+            view1 = runtime.prepare(apply(images, augment.sample(bs, size, size, generator)))
+            view2 = runtime.prepare(apply(images, augment.sample(bs, size, size, generator)))
             with runtime.autocast():
                 loss = model(view1, view2)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += loss.detach()  # read back every print_freq steps: no per-step host sync
-            log.progress(epoch, step, steps, loss_sum, lr, (step + 1) * bs, t_epoch,
-                         ((args.epochs - epoch) * steps - step - 1) * bs)
-        images_seen += steps * bs
-        epoch_s = time.time() - t_epoch
-        record = dict(epoch=epoch + 1, loss=loss_sum.item() / steps, lr=lr,
-                      epoch_s=round(epoch_s, 2), images_per_s=round(steps * bs / epoch_s, 1))
-        last = epoch + 1 == args.epochs
-        if bank is not None and (last or (args.knn_every and (epoch + 1) % args.knn_every == 0)):
-            knn = knn_eval(method.backbone, bank, queries, args, runtime)
+            meter.add(step, loss, lr)
+            if interrupt.requested:
+                stop_interrupted(args, state, backbone, meter, generator, stages,
+                                 start["wall_s"] + time.time() - t0)
+        record = meter.record()
+        if knn_sets[0] is not None and (epoch + 1 == args.epochs or (
+                args.knn_every and (epoch + 1) % args.knn_every == 0)):
+            knn = knn_eval(method.backbone, *knn_sets, backbone.input_size, runtime, args.knn_k,
+                           args.knn_t)
             record["knn_top1"] = round(knn, 2)
         log.record(record)
-        wall = wall_before + time.time() - t_start
-        if last or (epoch + 1) % args.save_every == 0:
-            stage = stage_record(args, method.backbone, wall, method=args.method, images=n)
-            state = dict(format="s3l", kind="pretrain", model=method.state_dict(),
-                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                         epoch=epoch + 1, wall_s=wall, config=vars(args), stages=stages + [stage])
-            save_checkpoint(os.path.join(args.save_dir, "checkpoint.pt"), state)  # the latest
-            if (epoch + 1) % args.save_every == 0:  # and numbered ones, as the official code
-                numbered = os.path.join(args.save_dir, f"checkpoint_{epoch + 1:04d}.pt")
-                save_checkpoint(numbered, state)
-    wall = wall_before + time.time() - t_start
-    stage = stage_record(args, method.backbone, wall, method=args.method, images=n)
-    summary = dict(command="pretrain", method=args.method, arch=args.arch, conv5=args.conv5,
-                   input_size=args.input_size, epochs=args.epochs, final_loss=record.get("loss"),
-                   knn_top1=knn, wall_s=round(wall, 1), macs_per_image=macs,
-                   images_per_s=round(images_seen / max(time.time() - t_start, 1e-9), 1),
-                   device=runtime.reason, checkpoint=os.path.join(args.save_dir, "checkpoint.pt"),
-                   stages=stages + [stage])
-    log.summary(summary)
-    return summary
+        runs.check_finite_weights(method, epoch + 1)
+        wall = start["wall_s"] + time.time() - t0
+        stage = stage_record("pretrain", backbone, args.epochs, wall, macs, method=args.method,
+                             images=n)
+        checkpoint = state.checkpoint("pretrain", vars(args), asdict(backbone), epoch + 1, wall,
+                                      stages + [stage], train_files=files_digest(train_store.paths))
+        runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)  # every epoch
+    interrupt.restore()
+    return record, knn
 
 
-def knn_stores(args, train_store, runtime):
-    """Memory bank and queries of the kNN monitor, or (None, None) when there are no labels."""
-    if args.knn_train or args.knn_val:
-        if not (args.knn_train and args.knn_val):
-            raise SystemExit("--knn-train and --knn-val go together: give both labelled folders")
-        bank, queries = (load_store(args, "train", runtime, root=r)
-                         for r in (args.knn_train, args.knn_val))
-    elif train_store.labels is None:
-        return None, None
-    else:
-        try:
-            bank, queries = train_store, load_store(args, test_split(args), runtime)
-        except ValueError:
-            print(f"kNN monitor off: no labelled '{test_split(args)}' split in {args.data}")
-            return None, None
-    if bank.labels is None or queries.labels is None or bank.classes != queries.classes:
-        raise SystemExit("the kNN memory bank and queries need the same labelled class folders")
-    return bank, queries
+# ----- resuming: after a finished epoch, or an interrupted one ------------------------------------
+
+# settings that do not change what a run computes; every other flag must match on --resume
+NOT_DEFINING = {"resume", "force_resume", "save_dir", "device", "amp", "tf32", "channels_last",
+                "compile", "print_freq", "save_every", "eval_every", "knn_every", "knn_k", "knn_t",
+                "knn_train", "knn_val", "test_split", "workers", "cache_dir"}
 
 
-def init_from(method, args) -> list:
-    """Multi-stage resolution (PAPER.md §1.2): start from an earlier stage's weights. The same
-    method loads its whole state (encoders, heads, and the queue when its size matches); another
-    method loads the backbone only. Returns the earlier stages, for cost accounting."""
-    ckpt = read_checkpoint(args.init_from)
-    if ckpt.get("format") != "s3l" or ckpt.get("kind") != "pretrain":
-        raise SystemExit(f"--init-from {args.init_from} is not a pretraining checkpoint of s3l")
-    state, old = ckpt["model"], ckpt["config"]
-    if (old["arch"], old["conv5"], old["small_stem"]) != (args.arch, args.conv5, args.small_stem):
-        raise SystemExit(f"--init-from {args.init_from} holds {old['arch']} conv5={old['conv5']} "
-                         f"small_stem={old['small_stem']}, but this run builds {args.arch} "
-                         f"conv5={args.conv5} small_stem={args.small_stem}")
-    if old["method"] == args.method:
-        if "queue" in state and state["queue"].shape != method.queue.shape:
-            state = {k: v for k, v in state.items() if not k.startswith("queue")}
-            print(f"--init-from: the queue of size {tuple(ckpt['model']['queue'].shape)} dropped")
-        missing, unexpected = method.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("queue")]:
-            raise SystemExit(f"--init-from {args.init_from}: missing {missing}, unexpected "
-                             f"{unexpected}")
-    else:
-        s3l.load_backbone(method.backbone, s3l.backbone_state(state))
-        print(f"--init-from: a {old['method']} checkpoint, so the backbone only")
-    print(f"initialised from {args.init_from} ({old['input_size']} px, {len(ckpt['stages'])} "
-          "earlier stage(s))")
-    return ckpt["stages"]
+def files_digest(paths) -> str:
+    """A short hash of the training files, stored in checkpoints: --resume checks the file list."""
+    return hashlib.sha1("\n".join(map(str, paths)).encode()).hexdigest()[:16]
 
 
-# ----- supervised stages: one loop for fine-tuning, the conv5 warm-up and the linear probe --------
-
-def fit(args, runtime, net, forward, params, batch_fn, n_train: int, evaluate, stages,
-        bn_eval=()) -> dict:
-    """Supervised training shared by finetune, warmup-conv5 and linear (PAPER.md §3.8, §1.3, §3.9).
-
-    net: the module checkpointed; forward: inputs -> logits (net, or net.fc on cached features);
-    params: what SGD trains; batch_fn(idx, generator) -> (inputs, labels) on the device; evaluate()
-    -> test top-1 %; bn_eval: modules kept in eval mode. Reports the final-epoch top-1; the best
-    epoch is also logged, labelled as chosen on the test split (optimistic, PAPER.md §9.1).
-    """
-    log = RunLog(args, runtime)
-    optimizer, scaler = runtime.sgd(params, args), runtime.scaler()
-    start_epoch, wall_before, best, acc = 0, 0.0, dict(test_top1=None, epoch=None), None
-    if args.resume:
-        ckpt = read_checkpoint(args.resume)
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, wall_before, best, acc = (ckpt[k] for k in ("epoch", "wall_s", "best",
-                                                                 "test_top1"))
-    generator = torch.Generator(runtime.device)
-    bs, mixup = args.batch_size, getattr(args, "mixup", False)
-    steps = math.ceil(n_train / bs) if n_train % bs != 1 else n_train // bs  # no batch of 1 for BN
-    t_start, images_seen, record = time.time(), 0, {}
-    for epoch in range(start_epoch, args.epochs):
-        order = epoch_order(args.seed, epoch, n_train, generator, runtime.device)
-        net.train()
-        for module in bn_eval:
-            module.eval()
-        t_epoch, loss_sum = time.time(), torch.zeros((), device=runtime.device)
-        for step in range(steps):
-            set_lr(optimizer, lr := lr_at(epoch + step / steps, args.epochs, args.lr,
-                                          steps=args.lr_steps))
-            x, y = batch_fn(order[step * bs:(step + 1) * bs], generator)
-            with runtime.autocast():
-                if mixup:
-                    x, y_a, y_b, lam = s3l.mixup(x, y, args.mixup_alpha)
-                    loss = s3l.mixup_loss(forward(x).float(), y_a, y_b, lam)
-                else:
-                    loss = F.cross_entropy(forward(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach()
-            images_seen += y.shape[0]
-            log.progress(epoch, step, steps, loss_sum, lr, min((step + 1) * bs, n_train), t_epoch,
-                         (args.epochs - epoch) * n_train - min((step + 1) * bs, n_train))
-        epoch_s = time.time() - t_epoch
-        record = dict(epoch=epoch + 1, loss=loss_sum.item() / steps, lr=lr,
-                      epoch_s=round(epoch_s, 2), images_per_s=round(n_train / epoch_s, 1))
-        last = epoch + 1 == args.epochs
-        if last or (epoch + 1) % args.eval_every == 0:
-            acc = evaluate()
-            record["test_top1"] = round(acc, 2)
-            if best["test_top1"] is None or acc > best["test_top1"]:
-                best = dict(test_top1=round(acc, 2), epoch=epoch + 1)
-        log.record(record)
-        wall = wall_before + time.time() - t_start
-        if last or (epoch + 1) % args.save_every == 0:
-            save_checkpoint(os.path.join(args.save_dir, "checkpoint.pt"), dict(
-                format="s3l", kind=args.command, model=net.state_dict(),
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch + 1,
-                wall_s=wall, best=best, test_top1=acc, config=vars(args),
-                stages=stages + [stage_record(args, net, wall)]))
-    wall = wall_before + time.time() - t_start
-    summary = dict(command=args.command, arch=args.arch, input_size=args.input_size,
-                   epochs=args.epochs, test_top1_final=acc,
-                   test_top1_best_chosen_on_test=best["test_top1"], best_epoch=best["epoch"],
-                   final_loss=record.get("loss"), wall_s=round(wall, 1),
-                   images_per_s=round(images_seen / max(time.time() - t_start, 1e-9), 1),
-                   device=runtime.reason, checkpoint=os.path.join(args.save_dir, "checkpoint.pt"),
-                   stages=stages + [stage_record(args, net, wall)])
-    log.summary(summary)
-    print(f"{args.command}: final-epoch test top-1 {acc:.2f}% (best {best['test_top1']:.2f}% at "
-          f"epoch {best['epoch']}, chosen on the test split); {wall / 60:.1f} min")
-    return summary
+def resume_checkpoint(args):
+    """The --resume checkpoint, if it is one of this command (and method); else one line saying
+    what it is and which command takes it."""
+    if not args.resume:
+        return None
+    ckpt = runs.read_checkpoint(args.resume)
+    kind, config = ckpt.get("kind"), ckpt.get("config", {})
+    if ckpt.get("format") != "s3l" or "optimizer" not in ckpt:
+        raise SystemExit(f"--resume {args.resume} is not a training checkpoint of s3l (an export, "
+                         "a linear probe on cached features or another project's file): pass it as "
+                         "--pretrained to finetune, warmup-conv5, linear or knn")
+    if kind != args.command or config.get("method") != getattr(args, "method", None):
+        what = f"{kind} --method {config['method']}" if config.get("method") else kind
+        raise SystemExit(f"--resume {args.resume} is a checkpoint of `train.py {what}`: resume it "
+                         f"with that command (or start from it with --pretrained / --init-from)")
+    return ckpt
 
 
-def stage_setup(args, full_network: bool, drop=()):
+def check_resume(args, ckpt: dict, train_files) -> None:
+    """A resumed run must be the checkpoint's run: the same training files and every setting that
+    defines it (all flags but NOT_DEFINING); a difference exits listing it, unless --force-resume."""
+    old = dict(ckpt["config"], train_files=ckpt.get("train_files"))
+    new = dict(vars(args), train_files=files_digest(train_files))
+    diffs = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in sorted(new)
+             if k not in NOT_DEFINING and old.get(k) != new[k]]
+    if diffs and not args.force_resume:
+        raise SystemExit(f"--resume {args.resume}: this run differs from the checkpoint's in "
+                         f"{'; '.join(diffs)}. Use the checkpoint's settings, or pass "
+                         "--force-resume to continue anyway")
+    if diffs:
+        print(f"--force-resume: continuing although {'; '.join(diffs)}")
+
+
+def resume_point(ckpt) -> dict:
+    """Where the loop starts: epoch 0, or after the checkpoint's last complete epoch, or inside an
+    interrupted epoch (step, random states and loss sums saved with it)."""
+    if ckpt is None:
+        return dict(epoch=0, step=0, wall_s=0.0)
+    return dict(epoch=ckpt["epoch"], step=ckpt.get("step", 0), wall_s=ckpt["wall_s"],
+                rng=ckpt.get("rng"), sums=ckpt.get("sums", (0.0, 0.0)))
+
+
+def epoch_meter(args, start: dict, epoch: int, steps: int, images: int, generator,
+                runtime) -> runs.EpochMeter:
+    """The epoch's meter; an interrupted epoch continues its random streams and loss sums."""
+    if epoch == start["epoch"] and start["step"]:
+        runs.set_random_states(generator, start["rng"])
+        return runs.EpochMeter(epoch, args.epochs, steps, args.batch_size, images,
+                               args.print_freq, runtime.device, start["step"], start["sums"])
+    return runs.EpochMeter(epoch, args.epochs, steps, args.batch_size, images, args.print_freq,
+                           runtime.device)
+
+
+def stop_interrupted(args, state: runs.TrainState, backbone: Backbone, meter, generator, stages,
+                     wall: float, **extra) -> None:
+    """Ctrl-C or SIGTERM: save the interrupted epoch (its step, random states and loss sums, so
+    --resume continues exactly) and exit with status 130."""
+    checkpoint = state.checkpoint(args.command, vars(args), asdict(backbone), meter.epoch, wall,
+                                  stages, step=meter.step_done, rng=runs.random_states(generator),
+                                  sums=meter.sums(), **extra)
+    runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
+    path = os.path.join(args.save_dir, "checkpoint.pt")
+    print(f"\ninterrupted in epoch {meter.epoch + 1} after step {meter.step_done}: saved {path}. "
+          f"Continue with the same command and --resume {path}")
+    raise SystemExit(130)
+
+
+# ----- supervised stages: fine-tuning, the conv5 warm-up, the linear probe ------------------------
+
+def supervised_setup(args, build_conv5=None):
     """The common start of finetune, warmup-conv5, linear and knn: the --pretrained backbone (its
     arch read off it), the device, the labelled splits, and a seeded ResNet with one output per
-    class. Returns (runtime, train_store, test_store, net, the checkpoint's earlier stages)."""
+    class. build_conv5: True builds layer4 whatever the checkpoint (fine-tuning trains the full
+    network); None builds what the flags and checkpoint say.
+    Returns (runtime, backbone, train_store, test_store, net, the checkpoint's earlier stages)."""
     ckpt, state = pretrained_backbone(args.pretrained)
-    resolve_arch(args, state)  # args.conv5: the flag, else the checkpoint's
-    if state is not None and args.conv5 is False:  # --no-conv5: the checkpoint's layer4 unused
-        drop = tuple(drop) + ("layer4.",)
-    args.conv5 = args.conv5 or full_network  # fine-tuning and the warm-up train the full network
-    if args.input_size is None:  # knn: the resolution the checkpoint was trained at
-        args.input_size = (ckpt or {}).get("config", {}).get("input_size", 224)
-    runtime = setup_device(args.device, args.amp, args.channels_last)
-    train_store, test_store = labelled_splits(args, runtime)
+    ckpt_size = (ckpt or {}).get("backbone", {}).get("input_size")  # kNN: the checkpoint's size
+    backbone = resolve_backbone(args, state, input_size=ckpt_size)
+    built = backbone if build_conv5 is None else replace(backbone, conv5=build_conv5)
+    runtime = runtime_for(args)
+    train_store, test_store = labelled_splits(args, built.input_size, runtime)
     torch.manual_seed(args.seed)
-    net = build_backbone(args, num_classes=len(train_store.classes))
-    if state is not None:
-        load_pretrained(net, state, args.pretrained, drop)
-    return runtime, train_store, test_store, net, ckpt.get("stages", []) if ckpt else []
+    net = built.build(num_classes=len(train_store.classes))
+    if state is not None:  # backbone.conv5: the checkpoint's conv5 is used
+        load_pretrained(net, state, args.pretrained, keep_conv5=backbone.conv5)
+    stages = ckpt.get("stages", []) if ckpt else []
+    return runtime, built, train_store, test_store, net, stages
 
 
 def finetune(args) -> dict:
-    """Fine-tune the whole network (PAPER.md §3.8), or, as `warmup-conv5`, train a fresh conv5 + fc
-    on frozen SSL conv1-4 (the small-architecture warm-up, §1.3). No --pretrained: from scratch."""
+    """Fine-tune the whole network (step 3 of the recipe), or, as `warmup-conv5`, train conv5 + fc
+    on frozen SSL conv1-4 (step 2, small architecture). No --pretrained: from scratch."""
     warmup = args.command == "warmup-conv5"
-    runtime, train_store, test_store, net, stages = stage_setup(
-        args, full_network=True, drop=("layer4.",) if warmup else ())
-    bn_eval = []
-    if warmup:  # fc N(0, 0.01) as main_freeze.py; only conv5 and fc learn
+    runtime, backbone, train_store, test_store, net, stages = supervised_setup(args, True)
+    frozen_bn = []
+    if warmup:  # fc N(0, 0.01) as the official main_freeze.py; only conv5 and fc learn
         torch.nn.init.normal_(net.fc.weight, std=0.01)
         torch.nn.init.zeros_(net.fc.bias)
         trainable = s3l.freeze_all_but_conv5(net)
         print(f"warm-up trains {len(trainable)} tensors (layer4.*, fc.*); conv1-4 are frozen")
         if args.frozen_bn_eval:
-            bn_eval = [m for name, m in net.named_modules()
-                       if isinstance(m, torch.nn.BatchNorm2d) and not name.startswith("layer4")]
+            frozen_bn = [m for name, m in net.named_modules()
+                         if isinstance(m, torch.nn.BatchNorm2d) and not name.startswith("layer4")]
     net = runtime.place(net)
     model = torch.compile(net) if args.compile else net  # checkpoints from `net`: no _orig_mod.
-
-    def batch_fn(idx, generator):
-        images = data.to_float(train_store.batch(idx, runtime.device))
-        x = data.finetune_train_view(images, args.input_size, generator)
-        return runtime.prepare(x), train_store.labels[idx]
-
     params = [p for p in net.parameters() if p.requires_grad]
-    return fit(args, runtime, net, model, params, batch_fn, len(train_store),
-               lambda: classify_top1(model, test_store, args.input_size, runtime), stages, bn_eval)
+    return train_classifier(args, runtime, backbone, net, model, params, train_store, test_store,
+                            stages, frozen_bn=frozen_bn, mixup=args.mixup)
 
 
 def linear(args) -> dict:
-    """Linear probe (PAPER.md §3.9): frozen backbone with BN in eval mode, fc N(0, 0.01), SGD lr 10
-    with x0.1 steps. Without --augment, centre-crop features are computed once and trained on."""
-    runtime, train_store, test_store, net, stages = stage_setup(args, full_network=False)
+    """Linear probe on frozen features (the official --linear-eval): backbone frozen with BN in eval
+    mode, fc N(0, 0.01), SGD lr 10 with x0.1 steps, random crop + flip every epoch. With
+    --cached-features: centre-crop features computed once and trained on (fast, not official)."""
+    runtime, backbone, train_store, test_store, net, stages = supervised_setup(args)
     torch.nn.init.normal_(net.fc.weight, std=0.01)
     torch.nn.init.zeros_(net.fc.bias)
     net = runtime.place(net.requires_grad_(False))
     net.fc.requires_grad_(True)
     frozen = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("fc.")}
-    train_feats = None if args.augment else extract_features(net, train_store, args.input_size,
-                                                             runtime, normalize=False)
-    test_feats = extract_features(net, test_store, args.input_size, runtime, normalize=False)
-
-    @torch.no_grad()
-    def batch_fn(idx, generator):
-        if train_feats is not None:
-            return train_feats[idx], train_store.labels[idx]
-        x = data.finetune_train_view(data.to_float(train_store.batch(idx, runtime.device)),
-                                     args.input_size, generator)
-        with runtime.autocast():
-            return net.forward_features(runtime.prepare(x)).float(), train_store.labels[idx]
-
-    def evaluate():
-        return 100.0 * (net.fc(test_feats).argmax(1) == test_store.labels).float().mean().item()
-
-    summary = fit(args, runtime, net, net.fc, list(net.fc.parameters()), batch_fn,
-                  len(train_store), evaluate, stages, bn_eval=[net])
+    if args.cached_features:
+        summary = linear_on_cached_features(args, runtime, backbone, net, train_store, test_store,
+                                            stages)
+    else:
+        summary = train_classifier(args, runtime, backbone, net, net, list(net.fc.parameters()),
+                                   train_store, test_store, stages, frozen_bn=[net], mixup=False)
     for key, value in net.state_dict().items():  # MoCo's lincls sanity check
         assert key.startswith("fc.") or torch.equal(value, frozen[key]), f"the probe changed {key}"
     return summary
 
 
+def train_classifier(args, runtime, backbone: Backbone, net, model, params, train_store,
+                     test_store, stages: list, frozen_bn, mixup: bool) -> dict:
+    """The supervised loop of finetune, warmup-conv5 and the official linear probe: per step, a
+    RandomCrop + flip view of a batch (Resize -> RandomCrop, the official train transform),
+    cross-entropy (with mixup: one lambda per batch), SGD; per epoch, test top-1 of centre views.
+    net: the module checkpointed; model: what runs it (compiled or not); params: what SGD trains;
+    frozen_bn: modules kept in eval mode. Reports the final-epoch top-1; the best epoch is also
+    logged, labelled as chosen on the test split (optimistic; the official code reports it)."""
+    resumed = resume_checkpoint(args)
+    if resumed:
+        check_resume(args, resumed, train_store.paths)
+    log = run_log(args, runtime, backbone, resumed)
+    state = runs.TrainState(net, runtime.sgd(params, args.lr, args.momentum, args.weight_decay),
+                            runtime.scaler())
+    best, acc = dict(test_top1=None, epoch=None), None
+    if resumed:
+        state.resume(resumed)
+        best, acc = resumed["best"], resumed["test_top1"]
+    start, interrupt, t0 = resume_point(resumed), runs.Interrupt(), time.time()
+    generator = torch.Generator(runtime.device)
+    n, bs = len(train_store), args.batch_size
+    macs = models.macs(backbone.build(), backbone.input_size)
+    steps = math.ceil(n / bs) if n % bs != 1 else n // bs  # no batch of 1 for BatchNorm
+    for epoch in range(start["epoch"], args.epochs):
+        order = epoch_order(args.seed, epoch, n, generator, runtime.device)
+        meter = epoch_meter(args, start, epoch, steps, n, generator, runtime)
+        net.train()
+        for module in frozen_bn:
+            module.eval()
+        for step in range(meter.first_step, steps):
+            lr = lr_at(epoch + step / steps, args.epochs, args.lr, steps=args.lr_steps)
+            set_lr(state.optimizer, lr)
+            idx = order[step * bs:(step + 1) * bs]
+            images = data.to_float(train_store.batch(idx, runtime.device))
+            x = runtime.prepare(data.finetune_train_view(images, backbone.input_size, generator))
+            y = train_store.labels[idx]
+            with runtime.autocast():
+                if mixup:
+                    x, y_a, y_b, lam = s3l.mixup(x, y, args.mixup_alpha)
+                    loss = s3l.mixup_loss(model(x).float(), y_a, y_b, lam)
+                else:
+                    loss = F.cross_entropy(model(x).float(), y)
+            state.optimizer.zero_grad(set_to_none=True)
+            state.scaler.scale(loss).backward()
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            meter.add(step, loss, lr)
+            if interrupt.requested:
+                stop_interrupted(args, state, backbone, meter, generator, stages,
+                                 start["wall_s"] + time.time() - t0, best=best, test_top1=acc)
+        record = meter.record()
+        if epoch + 1 == args.epochs or (epoch + 1) % args.eval_every == 0:
+            acc = classify_top1(model, test_store, backbone.input_size, runtime)
+            record["test_top1"] = round(acc, 2)
+            if best["test_top1"] is None or acc > best["test_top1"]:
+                best = dict(test_top1=round(acc, 2), epoch=epoch + 1)
+        log.record(record)
+        runs.check_finite_weights(net, epoch + 1)
+        wall = start["wall_s"] + time.time() - t0
+        stage = stage_record(args.command, backbone, args.epochs, wall, macs)
+        checkpoint = state.checkpoint(args.command, vars(args), asdict(backbone), epoch + 1, wall,
+                                      stages + [stage], best=best, test_top1=acc,
+                                      train_files=files_digest(train_store.paths))
+        runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
+    interrupt.restore()
+    wall = start["wall_s"] + time.time() - t0
+    stage = stage_record(args.command, backbone, args.epochs, wall, macs)
+    return finish_supervised(args, log, runtime, backbone, acc, best, wall, stages + [stage])
+
+
+def linear_on_cached_features(args, runtime, backbone: Backbone, net, train_store, test_store,
+                              stages: list) -> dict:
+    """The fast probe: centre-crop features of both splits computed once, then the fc trained on
+    them with the probe's schedule (full-batch epochs of minibatches, no augmentation)."""
+    log, t0 = run_log(args, runtime, backbone), time.time()
+    feats = [extract_features(net, s, backbone.input_size, runtime, normalize=False)
+             for s in (train_store, test_store)]
+    optimizer = runtime.sgd(net.fc.parameters(), args.lr, args.momentum, args.weight_decay)
+    n, bs = len(train_store), args.batch_size
+    best, acc = dict(test_top1=None, epoch=None), None
+    for epoch in range(args.epochs):
+        order = epoch_order(args.seed, epoch, n, torch.Generator(), runtime.device)
+        lr = lr_at(epoch, args.epochs, args.lr, steps=args.lr_steps)
+        set_lr(optimizer, lr)
+        loss_sum = torch.zeros((), device=runtime.device)
+        for start in range(0, n, bs):
+            idx = order[start:start + bs]
+            loss = F.cross_entropy(net.fc(feats[0][idx]), train_store.labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+        with torch.no_grad():
+            acc = 100.0 * (net.fc(feats[1]).argmax(1) == test_store.labels).float().mean().item()
+        if best["test_top1"] is None or acc > best["test_top1"]:
+            best = dict(test_top1=round(acc, 2), epoch=epoch + 1)
+        log.record(dict(epoch=epoch + 1, loss=loss_sum.item() / math.ceil(n / bs), lr=lr,
+                        test_top1=round(acc, 2)))
+    wall = time.time() - t0
+    macs = models.macs(backbone.build(), backbone.input_size)
+    stage = stage_record(args.command, backbone, args.epochs, wall, macs)
+    runs.save_checkpoint(os.path.join(args.save_dir, "checkpoint.pt"), dict(
+        format="s3l", kind=args.command, model=net.state_dict(), epoch=args.epochs, wall_s=wall,
+        config=vars(args), backbone=asdict(backbone), stages=stages + [stage], best=best,
+        test_top1=acc))
+    return finish_supervised(args, log, runtime, backbone, acc, best, wall, stages + [stage])
+
+
+def finish_supervised(args, log, runtime, backbone: Backbone, acc: float, best: dict, wall: float,
+                      stages: list) -> dict:
+    """summary.json and the closing line of a supervised stage."""
+    protocol = None
+    if args.command == "linear":
+        protocol = "cached centre-crop features" if args.cached_features else \
+            "official: random crop + flip through the frozen backbone"
+    summary = dict(command=args.command, protocol=protocol, **asdict(backbone),
+                   epochs=args.epochs, test_top1_final=acc,
+                   test_top1_best_chosen_on_test=best["test_top1"], best_epoch=best["epoch"],
+                   wall_s=round(wall, 1), device=runtime.reason,
+                   checkpoint=os.path.join(args.save_dir, "checkpoint.pt"), stages=stages)
+    log.summary(summary)
+    print(f"{args.command}{f' ({protocol})' if protocol else ''}: final-epoch test top-1 "
+          f"{acc:.2f}% (best {best['test_top1']:.2f}% at epoch {best['epoch']}, chosen on the test "
+          f"split); {wall / 60:.1f} min")
+    return summary
+
+
 def knn(args) -> dict:
     """Weighted kNN top-1 of a checkpoint's backbone, or of the untrained one (seeded)."""
-    runtime, bank, queries, net, _ = stage_setup(args, full_network=False)
-    log, t0 = RunLog(args, runtime), time.time()
-    acc = knn_eval(runtime.place(net), bank, queries, args, runtime)
+    runtime, backbone, bank, queries, net, _ = supervised_setup(args)
+    log, t0 = run_log(args, runtime, backbone), time.time()
+    acc = knn_eval(runtime.place(net), bank, queries, backbone.input_size, runtime, args.knn_k,
+                   args.knn_t)
     record = dict(knn_top1=round(acc, 2), k=args.knn_k, t=args.knn_t, bank=len(bank),
-                  queries=len(queries), input_size=args.input_size,
+                  queries=len(queries), input_size=backbone.input_size,
                   wall_s=round(time.time() - t0, 1))
     log.record(record)
-    log.summary(dict(command="knn", pretrained=args.pretrained, arch=args.arch, conv5=args.conv5,
-                     **record))
+    log.summary(dict(command="knn", pretrained=args.pretrained, arch=backbone.arch,
+                     conv5=backbone.conv5, **record))
     return record
 
 
@@ -887,33 +1036,35 @@ def export(args) -> None:
     """Write a checkpoint's backbone as a plain state_dict with torchvision ResNet names, no fc: it
     loads with strict=True into models.resnetXX(num_classes=0) of the same depth."""
     _, state = pretrained_backbone(args.checkpoint)
-    args.arch = args.small_stem = args.conv5 = None
-    resolve_arch(args, state)
+    arch, conv5, small_stem = s3l.infer_arch(state)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     try:
-        build_backbone(args).load_state_dict(state, strict=True)
+        models.ARCHS[arch](conv5=conv5, small_stem=small_stem).load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise SystemExit(f"{args.checkpoint}: the backbone does not load into {args.arch}: {e}")
+        raise SystemExit(f"{args.checkpoint}: the backbone does not load into {arch}: {e}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_checkpoint(args.out, state)
-    print(f"wrote {len(state)} tensors of a {args.arch} backbone (conv5={args.conv5}, "
-          f"small_stem={args.small_stem}) to {args.out}")
+    runs.save_checkpoint(args.out, state)
+    print(f"wrote {len(state)} tensors of a {arch} backbone (conv5={conv5}, "
+          f"small_stem={small_stem}) to {args.out}")
 
 
 # ----- the default job ----------------------------------------------------------------------------
 
-def default_job() -> None:
+def default_job(job=DEFAULT_JOB) -> None:
     """`python train.py`: S3L on the built-in shapes at CPU scale, then kNN top-1 (k=200, T=0.1; the
     2,000 train images as memory, 1,000 test images as queries), untrained vs pretrained."""
     t0 = time.time()
-    args = build_parser().parse_args(DEFAULT_JOB)
-    summary = pretrain(args)
-    runtime = setup_device(args.device, args.amp, args.channels_last)
-    bank, queries = load_store(args, "train", runtime), load_store(args, "test", runtime)
+    args = parse_args(job)
+    summary = run_command(args)
+    runtime = runtime_for(args)
+    backbone = resolve_backbone(args)
+    bank = load_store(args, "train", args.input_size, runtime)
+    queries = load_store(args, "test", args.input_size, runtime)
     torch.manual_seed(args.seed)  # the very initialisation the pretraining started from
-    before = knn_eval(runtime.place(build_backbone(args)), bank, queries, args, runtime)
+    before = knn_eval(runtime.place(backbone.build()), bank, queries, args.input_size, runtime,
+                      args.knn_k, args.knn_t)
     print(f"\nkNN top-1 on the built-in shapes ({len(queries)} test images, {len(data.SHAPES)} "
-          f"classes, {args.arch} at {args.input_size} px, final epoch)")
+          f"classes, {backbone.arch} at {args.input_size} px, final epoch)")
     print(f"{'backbone':<34}{'kNN top-1 %':>12}")
     for name, acc in [("untrained", before),
                       (f"{args.method} pretrained, {args.epochs} epochs", summary["knn_top1"])]:
@@ -927,17 +1078,43 @@ COMMANDS = {"pretrain": pretrain, "finetune": finetune, "warmup-conv5": finetune
             "knn": knn, "export": export}
 
 
+def check_paths(args) -> None:
+    """Paths checked before any decoding: each error names the flag and what to do."""
+    for flag in ("data", "knn_train", "knn_val"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isdir(path):
+            what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+            raise SystemExit(f"--{flag.replace('_', '-')} {path} {what}: pass a folder of images")
+    for flag in ("resume", "init_from", "pretrained"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isfile(path):
+            raise SystemExit(f"--{flag.replace('_', '-')} {path}: no such checkpoint file")
+    if hasattr(args, "cache_dir"):
+        runs.check_writable_folder(args.cache_dir, "--cache-dir")
+
+
+def run_command(args):
+    """One command in its own locked --save-dir; data errors become one line, not a trace."""
+    check_paths(args)
+    if args.command != "export":
+        runs.lock_run_folder(args.save_dir)
+    try:
+        return COMMANDS[args.command](args)
+    except ValueError as e:  # data errors (missing folders, a bad --subset)
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        if args.command != "export":
+            runs.unlock_run_folder(args.save_dir)
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         return default_job()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command is None:
         return build_parser().print_help()
-    try:
-        COMMANDS[args.command](args)
-    except ValueError as e:  # data errors (missing folders, a bad --subset): a message, no trace
-        raise SystemExit(f"error: {e}") from None
+    run_command(args)
 
 
 if __name__ == "__main__":
