@@ -42,9 +42,9 @@ METHODS = tuple(s3l.METHODS)  # moco, simclr, byol
 
 
 def pil_view(img: Image.Image, size: int, rng: random.Random) -> np.ndarray:
-    """One MoCo v2 `--aug-plus` view of a PIL image, image by image as torchvision 0.7 does it
-    (PAPER.md §3.1): RandomResizedCrop -> p 0.8 ColorJitter (random op order) -> p 0.2 grey -> p 0.5
-    blur -> flip. Returns float32 (3, size, size), normalised."""
+    """One MoCo v2 `--aug-plus` view of a PIL image, image by image as torchvision 0.7 does it:
+    RandomResizedCrop -> p 0.8 ColorJitter (random op order) -> p 0.2 grey -> p 0.5 blur -> flip.
+    Returns float32 (3, size, size), normalised."""
     w, h = img.size
     for _ in range(10):
         area = w * h * rng.uniform(0.2, 1.0)
@@ -194,10 +194,11 @@ def run(args) -> list:
           f"{args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
     paths = jpeg_files(args)
     listing = data.Listing(paths, None, [], "bench")
-    size = round(args.input_size * 8 / 7)
-    images, _ = data.load_split(listing, size, args.cache_dir, log=lambda *a: None)
-    store = data.ImageStore(images).to(runtime.device, train.store_bytes_limit(runtime.device))
     augment = data.SSLAugment(args.input_size)
+    short_side = data.store_short_side(args.input_size, augment.scale[0])
+    images, sizes, _ = data.load_split(listing, short_side, args.cache_dir, log=lambda *a: None)
+    store = data.ImageStore(images, sizes).to(runtime.device,
+                                               train.store_bytes_limit(runtime.device))
     apply = torch.compile(augment.apply) if args.compile else augment.apply
     generator = torch.Generator(runtime.device).manual_seed(0)
     n, bs, dev = len(store), args.batch_size, runtime.device
@@ -209,14 +210,14 @@ def run(args) -> list:
     def our_views():
         start = cursor[0] % (n - bs + 1)
         cursor[0] += bs
-        x = data.to_float(store.batch(order[start:start + bs], dev))
-        return [runtime.prepare(apply(x, augment.sample(bs, size, size, generator)))
-                for _ in range(2)]
+        x, sizes = store.batch(order[start:start + bs], dev)
+        x = data.to_float(x)
+        return [runtime.prepare(apply(x, augment.sample(sizes, generator))) for _ in range(2)]
 
     rows = []
     if args.compile:  # the compiled augmentation must draw the same views as the eager one
-        x = data.to_float(store.batch(order[:bs], dev))
-        params = augment.sample(bs, size, size, generator)
+        x, sizes = store.batch(order[:bs], dev)
+        x, params = data.to_float(x), augment.sample(sizes, generator)
         gap = (apply(x, params) - augment.apply(x, params)).abs().max().item()
         print(f"augmentation: max |view compiled - eager| on one batch = {gap:.2e}")
     rate = timed(our_views, args.warmup, args.steps, bs, dev)

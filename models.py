@@ -4,7 +4,7 @@ Implements ResNet-18/34/50 (He et al. 2016, arXiv 1512.03385; v1.5: the stride o
 on its 3x3 conv) with parameter names, shapes and initialisation equal to torchvision's, so a
 state_dict moves between this file and torchvision/timm with no renaming. Two switches:
   * `conv5=False` removes `layer4` (conv5_x): S3L's *small architecture* (Cao & Wu 2021, arXiv
-    2103.13559; PAPER.md §1.3). The feature width becomes 256 x expansion.
+    2103.13559; the official custom_resnet). The feature width becomes 256 x expansion.
   * `small_stem=True` uses a 3x3 stride-1 `conv1` and no max-pool, for inputs of 64 px and below
     (the CIFAR variant used by SimCLR and the public SSL libraries).
 Public names in reading order: BasicBlock, Bottleneck, ResNet, resnet18/34/50, ARCHS, macs.
@@ -151,7 +151,7 @@ def resnet50(num_classes: int = 0, conv5: bool = True, small_stem: bool = False)
 ARCHS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
 
 
-# ----- cost accounting (PAPER.md §1.2, §9.21) -----------------------------------------------------
+# ----- cost accounting (S3L compares accuracy against training cost) ------------------------------
 
 @torch.no_grad()
 def macs(model: nn.Module, input_size: int) -> int:

@@ -264,7 +264,7 @@ class EpochMeter:
 
     def __init__(self, epoch: int, epochs: int, steps: int, batch_size: int, images: int,
                  print_freq: int, device: torch.device, first_step: int = 0, sums=(0.0, 0.0)):
-        """first_step, sums: where an interrupted epoch stopped, and its (loss sum, finite count)."""
+        """first_step, sums: where an interrupted epoch stopped, its (loss sum, finite count)."""
         self.epoch, self.epochs, self.steps, self.batch_size = epoch, epochs, steps, batch_size
         self.images, self.print_freq, self.first_step = images, print_freq, first_step
         self.loss_sum = torch.tensor(float(sums[0]), device=device)

@@ -1,12 +1,13 @@
 """Self-supervised methods and the S3L recipe, in reading order: losses, heads, methods, recipe.
 
 Sources: S3L, Cao & Wu 2021, "Rethinking Self-Supervised Learning: Small is Beautiful" (arXiv
-2103.13559), whose official-code settings are collected in PAPER.md; SimCLR (Chen et al. 2020, arXiv
-2002.05709); MoCo (He et al. 2020, arXiv 1911.05722) and MoCo v2 (Chen et al. 2020b, arXiv
+2103.13559) and its official code, whose settings the docstrings quote; SimCLR (Chen et al. 2020,
+arXiv 2002.05709); MoCo (He et al. 2020, arXiv 1911.05722) and MoCo v2 (Chen et al. 2020b, arXiv
 2003.04297); BYOL (Grill et al. 2020, arXiv 2006.07733); mixup (Zhang et al. 2018, arXiv
 1710.09412).
 
-  losses   nt_xent, info_nce, byol_loss, momentum_update_
+  losses   nt_xent, info_nce, byol_loss, momentum_update_  (fp32 even under autocast)
+  ranks    rank_and_world_size, concat_all_gather, gather_with_grad  (no-ops in one process)
   heads    mlp, SplitBatchNorm, group_views, ungroup_views, split_batchnorm_
   methods  SimCLR, MoCo, BYOL, METHODS  (each forward(view1, view2) -> loss: one loop trains all)
   eval     knn_top1
@@ -14,58 +15,72 @@ Sources: S3L, Cao & Wu 2021, "Rethinking Self-Supervised Learning: Small is Beau
            (small architecture: conv1-4 from SSL, a fresh conv5 warmed up; fine-tuning with mixup)
 
 Encoders are passed in (any module with `fc` and `forward_features`, e.g. models.resnet18()); this
-file does no file I/O and no printing.
+file does no file I/O and no printing. Several processes (torchrun + DDP) are optional: without an
+initialised process group every method runs as one process, with per-"GPU" BN emulated by
+SplitBatchNorm.
 """
 import copy
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 # ----- losses -------------------------------------------------------------------------------------
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's NT-Xent loss (Chen et al. 2020, Sec. 2.1, Eq. 1).
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
+            z1_all: torch.Tensor | None = None, z2_all: torch.Tensor | None = None,
+            rank: int = 0) -> torch.Tensor:
+    """SimCLR's NT-Xent loss (Chen et al. 2020, Sec. 2.1, Eq. 1), in fp32 even under autocast.
 
     z1, z2: (N, D) projections of two views; row i of each comes from the same image.
     Each of the 2N rows is an anchor with one positive (its other view) and 2N - 2 negatives.
-    Returns the mean over the 2N anchors. Inputs are L2-normalised here, not by the caller.
+    Several processes: z1_all, z2_all: (M, D) every rank's z1, z2 in rank order, this rank's rows
+    at rank * N; the 2N local anchors then meet all 2M rows (2M - 2 negatives each).
+    Returns the mean over the anchors. Inputs are L2-normalised here, not by the caller.
     """
-    n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2N, D)
-    sim = z @ z.T / temperature  # (2N, 2N)
-    # an anchor is never its own negative: -inf on the diagonal drops it from the denominator
-    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    sim = sim.masked_fill(self_mask, float("-inf"))
-    # row i < N has its positive at column i + N, row i >= N at column i - N
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim.float(), targets)
+    if z1_all is None:
+        z1_all, z2_all = z1, z2
+    n, m = z1.shape[0], z1_all.shape[0]
+    # fp32: a bf16 cosine carries ~3 significant digits, and 1 / temperature multiplies its error
+    with torch.autocast(z1.device.type, enabled=False):
+        anchors = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D)
+        candidates = F.normalize(torch.cat([z1_all, z2_all]).float(), dim=1)  # (2M, D)
+        sim = anchors @ candidates.T / temperature  # (2N, 2M)
+        # image i of this rank is row `own` of each view's block; its other view is M rows away
+        own = rank * n + torch.arange(n, device=sim.device)  # (N,)
+        self_idx, pos_idx = torch.cat([own, own + m]), torch.cat([own + m, own])  # (2N,) each
+        # an anchor is never its own negative: -inf at its own column drops it from the denominator
+        self_mask = torch.arange(2 * m, device=sim.device) == self_idx[:, None]  # (2N, 2M)
+        return F.cross_entropy(sim.masked_fill(self_mask, float("-inf")), pos_idx)
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
              temperature: float) -> torch.Tensor:
-    """MoCo's InfoNCE loss (He et al. 2020, Eq. 1 and Algorithm 1).
+    """MoCo's InfoNCE loss (He et al. 2020, Eq. 1 and Algorithm 1), in fp32 even under autocast.
 
     q: (N, D) queries; k: (N, D) their positive keys (gradient-free); queue: (D, K) negative keys,
     already L2-normalised. q and k are L2-normalised here. Returns the mean (1 + K)-way CE.
     """
-    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-    l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
-    l_neg = q @ queue.to(q.dtype)  # (N, K)
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # (N, 1 + K)
-    # the positive is put in column 0, so every row's target class is 0
-    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits.float(), labels)
+    with torch.autocast(q.device.type, enabled=False):  # fp32 logits, as in nt_xent
+        q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+        l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+        l_neg = q @ queue.float()  # (N, K)
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # (N, 1 + K)
+        # the positive is put in column 0, so every row's target class is 0
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return F.cross_entropy(logits, labels)
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """BYOL's normalised MSE (Grill et al. 2020, Sec. 3.1, Eq. 2): 2 - 2 cos(p, z).
+    """BYOL's normalised MSE (Grill et al. 2020, Sec. 3.1, Eq. 2): 2 - 2 cos(p, z), in fp32.
 
     p: (N, D) online predictions; z: (N, D) target projections (gradient-free). Returns the mean
     over N; it is 0 exactly when every p_i points the same way as z_i.
     """
-    return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
+    with torch.autocast(p.device.type, enabled=False):
+        return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
 
 
 @torch.no_grad()
@@ -80,12 +95,62 @@ def momentum_update_(target: nn.Module, online: nn.Module, m: float) -> None:
     torch._foreach_lerp_(target_params, online_params, 1.0 - m)
 
 
+# ----- several processes (torch.distributed): exact no-ops in one process ------------------------
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x concatenated in rank order, without gradient (the official MoCo helper).
+
+    x: (N, ...), the same shape on every rank -> (W N, ...) for W ranks; x itself when W = 1.
+    """
+    world_size = rank_and_world_size()[1]
+    if world_size == 1:
+        return x
+    gathered = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(gathered, x.contiguous())
+    return torch.cat(gathered)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """concat_all_gather forward; backward: this rank's slice of the gradient, summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return concat_all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world_size = rank_and_world_size()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce writes in place
+        dist.all_reduce(grad)  # every rank's dL_r / d(this rank's rows), summed: gather_with_grad
+        return grad.chunk(world_size)[rank]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """concat_all_gather, (N, ...) -> (W N, ...), whose gradient flows back to the local rows.
+
+    Why the backward sums over ranks: rank r's loss L_r averages over its own anchors, so the
+    single-process loss is L = mean_r L_r, and DDP applies the mean over ranks of each rank's
+    gradient. Rank r's rows enter every L_r' as candidates, so dL / d(rows of r) is
+    (1/W) sum_r' dL_r' / d(rows of r): rank r must backpropagate that sum, and DDP's 1/W does
+    the rest. x itself when W = 1 (the usual GatherLayer pattern, e.g. in SimCLR ports).
+    """
+    return x if rank_and_world_size()[1] == 1 else _GatherWithGrad.apply(x)
+
+
 # ----- heads and per-"GPU" BatchNorm --------------------------------------------------------------
 
 def mlp(dims, batchnorm: bool = False) -> nn.Sequential:
     """Linear -> [BN] -> ReLU -> ... -> Linear, widths `dims`, e.g. mlp([2048, 2048, 128]).
 
-    MoCo v2 and SimCLR heads have no BN (PAPER.md §3.2, §3.4); BYOL's projector/predictor do.
+    MoCo v2 and SimCLR heads have no BN (their official --mlp); BYOL's projector/predictor do.
     """
     layers = []
     for i in range(len(dims) - 1):
@@ -96,12 +161,12 @@ def mlp(dims, batchnorm: bool = False) -> nn.Sequential:
 
 
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with training statistics per chunk of the batch (per-GPU BN, PAPER.md §9.5).
+    """BatchNorm with training statistics per chunk of the batch (per-GPU BN of the official code).
 
     Emulates the official code's 4 GPUs x 32 images on one device: x: (N, C, ...), N divisible by
     num_splits, and contiguous chunk s of the batch is what GPU s would hold (group_views lays out
-    two views that way). The running statistics are chunk 0's, as DDP broadcasts rank 0's buffers.
-    Eval mode is plain BatchNorm; the state_dict keys are BatchNorm's.
+    two views that way; BYOL gives each view its own chunks). The running statistics are chunk 0's,
+    as DDP broadcasts rank 0's buffers. Eval mode is plain BatchNorm; state_dict keys are BN's.
     """
 
     def __init__(self, num_features: int, num_splits: int, **kwargs):
@@ -159,21 +224,23 @@ def split_batchnorm_(module: nn.Module, num_splits: int) -> nn.Module:
 class SimCLR(nn.Module):
     """SimCLR (Chen et al. 2020, Sec. 2.1): one encoder + MLP head, NT-Xent over both views.
 
-    encoder: a ResNet whose `fc` becomes the head Linear(d, d)-ReLU-Linear(d, dim) (PAPER.md §3.4).
-    forward(view1, view2): (N, 3, H, W) each -> scalar loss. Deviations from the official code:
-    negatives come from the whole batch (2N - 2), not per GPU; the loss is scaled by temperature /
-    base_temperature as its SupCon implementation does (x1.43 at T = 0.1; base_temperature =
-    temperature disables it).
+    encoder: a ResNet whose `fc` becomes the head Linear(d, d)-ReLU-Linear(d, dim), as the official
+    --mlp head. forward(view1, view2): (N, 3, H, W) each -> scalar loss; both views go through one
+    pass, as the official code concatenates them. Deviations from the official code: negatives
+    come from the whole batch (2N - 2), not per GPU, and are gathered from every process when there
+    are several (gather_negatives=False keeps the official per-GPU negatives there); the loss is
+    scaled by temperature / base_temperature as its SupCon implementation does (x1.43 at T = 0.1;
+    base_temperature = temperature disables it).
     """
 
     def __init__(self, encoder: nn.Module, dim: int = 128, temperature: float = 0.1,
-                 base_temperature: float = 0.07, bn_splits: int = 1):
+                 base_temperature: float = 0.07, bn_splits: int = 1, gather_negatives: bool = True):
         super().__init__()
         d = encoder.feature_dim
         encoder.fc = mlp([d, d, dim])
         self.encoder = split_batchnorm_(encoder, bn_splits)
         self.temperature, self.base_temperature = temperature, base_temperature
-        self.bn_splits = bn_splits
+        self.bn_splits, self.gather_negatives = bn_splits, gather_negatives
 
     @property
     def backbone(self) -> nn.Module:
@@ -182,7 +249,16 @@ class SimCLR(nn.Module):
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         x = group_views(view1, view2, self.bn_splits)  # (2N, 3, H, W): one pass
         z1, z2 = ungroup_views(self.encoder(x), self.bn_splits)  # (N, dim) each
-        return nt_xent(z1, z2, self.temperature) * (self.temperature / self.base_temperature)
+        rank, world_size = rank_and_world_size()
+        if self.gather_negatives and world_size > 1:
+            # every rank's rows as candidates, gradients back to ours: with DDP's mean over ranks
+            # this is the single-process gradient of the concatenated batch (see gather_with_grad);
+            # gathered in fp32, the loss's precision, so the gradients are summed in fp32 too
+            z1_all, z2_all = gather_with_grad(z1.float()), gather_with_grad(z2.float())  # (M, dim)
+            loss = nt_xent(z1, z2, self.temperature, z1_all, z2_all, rank)
+        else:
+            loss = nt_xent(z1, z2, self.temperature)
+        return loss * (self.temperature / self.base_temperature)
 
 
 # ----- MoCo v2 (He et al. 2020; Chen et al. 2020b) ------------------------------------------------
@@ -193,7 +269,9 @@ class MoCo(nn.Module):
     encoder: a ResNet whose `fc` becomes the MLP head Linear(d, d)-ReLU-Linear(d, dim); encoder_k is
     its EMA copy. queue: (dim, moco_k) normalised keys, a FIFO ring. forward(view1, view2): (N, 3,
     H, W) each -> scalar loss, with view1 as queries and view2 as keys. bn_splits > 1 emulates
-    shuffle-BN (PAPER.md §9.5).
+    per-GPU shuffle-BN on one device. With several processes, shuffle-BN spans every rank and the
+    keys of all ranks are enqueued (official _batch_shuffle_ddp, concat_all_gather), so every
+    queue is the same; encoder_k needs no communication: DDP keeps encoder_q, hence its EMA, equal.
     """
 
     def __init__(self, encoder: nn.Module, dim: int = 128, moco_k: int = 4096,
@@ -213,17 +291,28 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def _keys(self, view2: torch.Tensor) -> torch.Tensor:
-        if self.bn_splits == 1:
-            return self.encoder_k(view2)
-        # shuffle-BN: keys are shuffled before the grouped BN so a group's statistics cannot leak
-        # which key is whose positive (query and key groups differ), then put back in query order
-        idx_shuffle = torch.randperm(view2.shape[0], device=view2.device)
-        k = self.encoder_k(view2[idx_shuffle])
-        return k[torch.argsort(idx_shuffle)]
+        """Keys (N, dim) of this rank's view2 (N, 3, H, W), in query order, with shuffle-BN."""
+        rank, world_size = rank_and_world_size()
+        if world_size * self.bn_splits == 1:
+            return self.encoder_k(view2)  # one BN group: nothing to shuffle
+        # shuffle-BN: keys are shuffled over the global batch before the per-rank, per-chunk BN so
+        # a group's statistics cannot leak which key is whose positive (query and key groups
+        # differ), then put back in query order; the official _batch_shuffle_ddp and unshuffle
+        x = concat_all_gather(view2)  # (W N, 3, H, W)
+        idx_shuffle = torch.randperm(x.shape[0], device=x.device)
+        if world_size > 1:
+            dist.broadcast(idx_shuffle, src=0)  # one permutation for every rank
+        k = self.encoder_k(x[idx_shuffle.view(world_size, -1)[rank]])  # (N, dim): our share
+        idx_unshuffle = torch.argsort(idx_shuffle)
+        return concat_all_gather(k)[idx_unshuffle.view(world_size, -1)[rank]]  # (N, dim)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, k: torch.Tensor) -> None:
+        k = concat_all_gather(k)  # (W N, dim): every rank enqueues the global batch in rank order
         n = k.shape[0]
+        if self.queue.shape[1] % n:  # a whole number of batches, as the official code asserts
+            raise ValueError(f"moco_k = {self.queue.shape[1]} is not divisible by the global batch "
+                             f"{n} (images per process x processes); choose a multiple of {n}")
         # indices computed on the device, so the step needs no host sync to read queue_ptr
         idx = (self.queue_ptr + torch.arange(n, device=k.device)) % self.queue.shape[1]
         self.queue.index_copy_(1, idx, F.normalize(k.float(), dim=1).T)
@@ -244,18 +333,21 @@ class BYOL(nn.Module):
     """BYOL (Grill et al. 2020, Sec. 3.1): online network + predictor, EMA target, no negatives.
 
     encoder: a ResNet whose `fc` becomes the projector Linear(d, hidden)-BN-ReLU-Linear(hidden,
-    dim); the predictor is Linear(dim, hidden)-BN-ReLU-Linear(hidden, dim) (PAPER.md §3.5: 4096 /
-    128, tau 0.99 constant). forward(view1, view2): (N, 3, H, W) each -> symmetrised loss in [0, 8].
-    The target moves by EMA at the start of each forward, which equals the official update after
-    each optimizer step.
+    dim); the predictor is Linear(dim, hidden)-BN-ReLU-Linear(hidden, dim) (the official S3L
+    script: 4096 / 128, tau 0.99 constant). forward(view1, view2): (N, 3, H, W) each -> symmetrised
+    loss in [0, 8]. The target moves by EMA at the start of each forward, which equals the official
+    update after each optimizer step. BN sees one view of one GPU's images at a time, as the
+    official builder runs each view separately: 2 x bn_splits groups over cat([view1, view2]).
     """
 
     def __init__(self, encoder: nn.Module, dim: int = 128, hidden_dim: int = 4096,
                  tau: float = 0.99, bn_splits: int = 1):
         super().__init__()
         encoder.fc = mlp([encoder.feature_dim, hidden_dim, dim], batchnorm=True)
-        self.online = split_batchnorm_(encoder, bn_splits)
-        self.predictor = split_batchnorm_(mlp([dim, hidden_dim, dim], batchnorm=True), bn_splits)
+        # BN group s < bn_splits is view 1's chunk s, group bn_splits + s view 2's chunk s
+        self.online = split_batchnorm_(encoder, 2 * bn_splits)
+        self.predictor = split_batchnorm_(mlp([dim, hidden_dim, dim], batchnorm=True),
+                                          2 * bn_splits)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self.tau, self.bn_splits = tau, bn_splits
 
@@ -265,10 +357,12 @@ class BYOL(nn.Module):
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         momentum_update_(self.target, self.online, self.tau)
-        views = group_views(view1, view2, self.bn_splits)  # (2N, 3, H, W): one pass per network
-        p1, p2 = ungroup_views(self.predictor(self.online(views)), self.bn_splits)
+        # one pass per network, with per-view BN groups: the same statistics as a pass per view;
+        # the running statistics move once a step (view 1's chunk 0), not once per view
+        views = torch.cat([view1, view2])  # (2N, 3, H, W)
+        p1, p2 = self.predictor(self.online(views)).chunk(2)  # (N, dim) each
         with torch.no_grad():
-            z1, z2 = ungroup_views(self.target(views), self.bn_splits)
+            z1, z2 = self.target(views).chunk(2)
         return byol_loss(p1, z2) + byol_loss(p2, z1)  # view 1 predicts view 2 and vice versa
 
 
@@ -299,7 +393,7 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, k: int = 200,
 # ----- the S3L recipe: moving backbones between stages --------------------------------------------
 
 # prefixes under which a backbone sits in this project's methods and in the official S3L/MoCo/BYOL
-# checkpoints (PAPER.md §8); the first that matches is stripped
+# checkpoints; the first that matches is stripped
 BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.encoder.", "encoder.", "online.",
                      "module.")
 
@@ -348,7 +442,7 @@ def load_backbone(model: nn.Module, state: dict, allow_missing=("fc.",)) -> list
 
 
 def freeze_all_but_conv5(model: nn.Module) -> list:
-    """Small architecture, conv5 warm-up (PAPER.md §1.3): only `layer4` and `fc` keep requires_grad.
+    """S3L small architecture, conv5 warm-up: only `layer4` and `fc` keep requires_grad.
 
     Returns the names of the parameters left trainable.
     """
@@ -361,7 +455,7 @@ def freeze_all_but_conv5(model: nn.Module) -> list:
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float):
-    """mixup (Zhang et al. 2018) as the S3L fine-tuning code (PAPER.md §3.8): one lambda a batch.
+    """mixup (Zhang et al. 2018) as the S3L fine-tuning code does it: one lambda a batch.
 
     x: (B, 3, H, W) normalised images; y: (B,) labels. lambda ~ Beta(alpha, alpha) and a permutation
     that pairs the images come from torch's global RNG (seeded per epoch by the training loop).

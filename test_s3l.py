@@ -1,21 +1,29 @@
 """Specifications of s3l, in the order of the modules: models -> s3l (losses, methods, recipe) ->
 data -> train (command line, checkpoints, bad input). Tiny seeded CPU inputs; oracles are written
-out naively here.
+out naively here. The torch.distributed specifications spawn 2 CPU processes (gloo, 127.0.0.1).
 
 Run: python -m pytest -q test_s3l.py
 """
+import copy
+import datetime
 import json
 import math
 import os
+import signal
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
 import data
 import models
+import runs
 import s3l
 import train
 
@@ -62,7 +70,7 @@ def test_resnet_state_dict_uses_torchvision_names():
 
 
 def test_macs_match_the_paper_table():
-    """PAPER.md §1.2-1.3: R50 4.09 G at 224, 1.08 G at 112; R50 without conv5 3.28 G at 224."""
+    """Analytic counts: R50 4.09 G at 224, 1.08 G at 112; R50 without conv5 3.28 G at 224."""
     assert models.macs(models.resnet50(), 224) / 1e9 == pytest.approx(4.09, abs=0.01)
     assert models.macs(models.resnet50(), 112) / 1e9 == pytest.approx(1.08, abs=0.01)
     assert models.macs(models.resnet50(conv5=False), 224) / 1e9 == pytest.approx(3.28, abs=0.01)
@@ -112,6 +120,30 @@ def test_byol_loss_is_zero_for_identical_directions_and_four_for_opposite():
     p = randn(5, 8)
     assert float(s3l.byol_loss(p, 3 * p)) == pytest.approx(0.0, abs=1e-6)
     assert float(s3l.byol_loss(p, -p)) == pytest.approx(4.0, abs=1e-6)
+
+
+def test_nt_xent_of_every_rank_with_gathered_candidates_averages_to_the_whole_batch_loss():
+    """Anchors local, candidates from all ranks: the mean over ranks of the rank losses is Eq. 1
+    over the concatenated batch (each rank's positives sit at its own global rows)."""
+    z1, z2 = randn(6, 8, seed=1), randn(6, 8, seed=2)  # 3 ranks of 2 images
+    per_rank = [s3l.nt_xent(z1[2 * r:2 * r + 2], z2[2 * r:2 * r + 2], 0.5, z1, z2, rank=r)
+                for r in range(3)]
+    assert float(sum(per_rank) / 3) == pytest.approx(float(s3l.nt_xent(z1, z2, 0.5)), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "byol_loss"])
+def test_losses_are_fp32_under_bf16_autocast(loss):
+    """Similarities and losses run in fp32 inside autocast: bf16 features from a bf16 layer give
+    the fp32 loss of the same values to 1e-4 (bf16 z @ z.T and q @ queue were 4-6e-4 off here)."""
+    queue = F.normalize(randn(32, 64, seed=3), dim=0)
+    fn = dict(nt_xent=lambda a, b: s3l.nt_xent(a, b, 0.1), byol_loss=s3l.byol_loss,
+              info_nce=lambda a, b: s3l.info_nce(a, b, queue, 0.2))[loss]
+    layer, x = torch.nn.Linear(16, 32), randn(16, 16, seed=1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = layer(x), layer(x + 0.3 * randn(16, 16, seed=2))  # (16, 32) bf16 each
+        mixed = fn(a, b)
+    assert a.dtype == torch.bfloat16 and mixed.dtype == torch.float32
+    assert float(mixed) == pytest.approx(float(fn(a.float(), b.float())), abs=1e-4)
 
 
 def test_momentum_update_is_exactly_the_ema():
@@ -176,6 +208,15 @@ def test_moco_forward_enqueues_one_batch_of_keys_after_the_loss():
     assert int(moco.queue_ptr) == 4
 
 
+def test_moco_shuffle_bn_returns_every_key_in_its_querys_row():
+    """Shuffle-BN permutes the keys across BN groups and back: with the batch statistics out of
+    play (eval mode) the keys are exactly encoder_k(view2), row for row."""
+    moco = tiny_moco()
+    moco.encoder_k.eval()
+    view2 = randn(8, 3, 16, 16, seed=1)
+    assert torch.allclose(moco._keys(view2), moco.encoder_k(view2), atol=1e-6)
+
+
 def test_moco_key_encoder_moves_by_exactly_the_ema_before_the_keys():
     """One forward: encoder_k <- m encoder_k + (1 - m) encoder_q (parameters), then keys are
     computed."""
@@ -188,6 +229,29 @@ def test_moco_key_encoder_moves_by_exactly_the_ema_before_the_keys():
     moco(randn(4, 3, 16, 16), randn(4, 3, 16, 16, seed=1))
     for k_new, k_old, q in zip(moco.encoder_k.parameters(), k_params, q_params):
         assert torch.allclose(k_new, 0.9 * k_old + 0.1 * q, atol=1e-6)
+
+
+def test_byol_batchnorm_sees_one_view_of_one_gpu_at_a_time():
+    """The official builder runs each view through online, predictor and target separately on
+    each GPU: BYOL's loss equals that, 2 "GPUs" x 2 views, each a plain BN batch of 4."""
+    torch.manual_seed(0)
+    byol = s3l.BYOL(models.resnet18(), dim=8, hidden_dim=16, bn_splits=2)
+    view1, view2 = randn(8, 3, 16, 16, seed=1), randn(8, 3, 16, 16, seed=2)
+    ref = copy.deepcopy(byol)
+    for module in ref.modules():
+        if isinstance(module, s3l.SplitBatchNorm):
+            module.num_splits = 1  # plain BatchNorm: one call is one GPU's batch
+    s3l.momentum_update_(ref.target, ref.online, ref.tau)
+
+    def per_gpu(net, view):  # (8, 3, 16, 16) -> (8, 8); GPU s holds images 4s to 4s + 3
+        return torch.cat([net(images) for images in view.chunk(2)])
+
+    online = torch.nn.Sequential(ref.online, ref.predictor)
+    with torch.no_grad():  # BN stays in training mode
+        p1, p2 = per_gpu(online, view1), per_gpu(online, view2)
+        z1, z2 = per_gpu(ref.target, view1), per_gpu(ref.target, view2)
+        expected = s3l.byol_loss(p1, z2) + s3l.byol_loss(p2, z1)
+        assert float(byol(view1, view2)) == pytest.approx(float(expected), abs=1e-6)
 
 
 @pytest.mark.parametrize("method", ["moco", "simclr", "byol"])
@@ -205,45 +269,202 @@ def test_every_method_returns_a_finite_loss_that_trains_the_backbone(method):
     assert not torch.equal(before, model.backbone.conv1.weight)
 
 
+# ----- s3l.py: several processes (torch.distributed) ----------------------------------------------
+
+def test_without_a_process_group_the_distributed_pieces_are_no_ops():
+    """No process group: rank 0 of 1, gathers return their input, SimCLR's two negative modes
+    agree (the single-process behaviour is unchanged)."""
+    assert not dist.is_initialized() and s3l.rank_and_world_size() == (0, 1)
+    x = randn(4, 8)
+    assert s3l.concat_all_gather(x) is x and s3l.gather_with_grad(x) is x
+    view1, view2 = randn(4, 3, 16, 16, seed=1), randn(4, 3, 16, 16, seed=2)
+    losses = []
+    for gather_negatives in (True, False):
+        torch.manual_seed(0)
+        model = s3l.SimCLR(models.resnet18(), dim=8, gather_negatives=gather_negatives)
+        losses.append(model(view1, view2).detach())
+    assert torch.equal(losses[0], losses[1])
+
+
+def one_step(method, view1, view2, bn_splits, ddp=False):
+    """One seeded forward + backward: the loss, two gradients and (MoCo) the queue after it."""
+    torch.manual_seed(0)
+    kwargs = dict(moco=dict(moco_k=16), simclr={})[method]
+    model = s3l.METHODS[method](models.resnet18(), dim=8, bn_splits=bn_splits, **kwargs)
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    torch.manual_seed(1 + dist.get_rank() if ddp else 1)  # rank 1's own shuffle must not count
+    loss = net(view1, view2)
+    loss.backward()  # with DDP: gradients averaged over the ranks
+    head = model.backbone.fc[2].weight  # the last layer; conv1 is the first
+    out = dict(loss=loss.detach(), conv1=model.backbone.conv1.weight.grad, fc=head.grad)
+    return dict(out, queue=model.queue.clone()) if method == "moco" else out
+
+
+def two_rank_worker(rank, port, out_dir):
+    """Rank `rank` of 2 (gloo, CPU): gather_with_grad alone, then one DDP step of SimCLR and of
+    MoCo on its half of an 8-image batch, one BN group per rank; results saved for the tests."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # a failed collective raises after a minute instead of hanging the test run
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    x = torch.full((2, 3), rank + 1.0, requires_grad=True)
+    gathered = s3l.gather_with_grad(x)  # (4, 3)
+    (gathered * (rank + 1) * torch.arange(4.0).view(4, 1)).sum().backward()
+    results = dict(gathered=gathered.detach(), x_grad=x.grad)
+    mine = slice(4 * rank, 4 * rank + 4)
+    for method in ("simclr", "moco"):
+        view1, view2 = randn(8, 3, 16, 16, seed=1)[mine], randn(8, 3, 16, 16, seed=2)[mine]
+        results[method] = one_step(method, view1, view2, bn_splits=1, ddp=True)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Both ranks' results of two_rank_worker, run once in 2 spawned processes (which import this
+    file: it must keep running nothing at import)."""
+    out_dir = tmp_path_factory.mktemp("two_ranks")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # a free port
+    torch.multiprocessing.spawn(two_rank_worker, args=(port, str(out_dir)), nprocs=2)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
+
+
+def test_gather_with_grad_sums_each_ranks_gradient_of_my_rows(two_ranks):
+    """Rank order forward; backward: rank r's rows get the sum over ranks of d loss_r' / d rows."""
+    for rank, results in enumerate(two_ranks):
+        assert results["gathered"].tolist() == [[1.0] * 3] * 2 + [[2.0] * 3] * 2
+        expected = (1 + 2) * torch.arange(4.0)[2 * rank:2 * rank + 2].view(2, 1).expand(2, 3)
+        assert torch.equal(results["x_grad"], expected)
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_two_ranks_equal_one_process_with_two_bn_groups(two_ranks, method):
+    """2 ranks x 4 images == 1 process x 8 images in 2 BN groups: the mean of the ranks' losses is
+    the loss, DDP's averaged gradients are the gradients (SimCLR: gathered negatives), and MoCo's
+    queues on both ranks hold every rank's keys in the single-process order (global shuffle-BN)."""
+    ref = one_step(method, randn(8, 3, 16, 16, seed=1), randn(8, 3, 16, 16, seed=2), bn_splits=2)
+    ranks = [results[method] for results in two_ranks]
+    assert float(sum(r["loss"] for r in ranks) / 2) == pytest.approx(float(ref["loss"]), rel=1e-5)
+    for name in [name for name in ref if name != "loss"]:
+        for r in ranks:  # fp32 sums in another order: compare relative to the whole tensor
+            assert float((r[name] - ref[name]).norm() / ref[name].norm()) < 1e-4, name
+
+
 # ----- data.py: augmentation ----------------------------------------------------------------------
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def test_random_resized_crop_boxes_stay_inside_and_respect_scale_and_ratio():
-    """Every box lies inside the image; area/ratio are within range whenever an attempt fitted."""
-    boxes = data.random_resized_crop_boxes(2000, 40, 30, (0.2, 1.0), (3 / 4, 4 / 3), gen())
-    top, left, h, w = boxes.unbind(1)
-    assert (top >= 0).all() and (left >= 0).all()
-    assert (top + h <= 40).all() and (left + w <= 30).all()
-    assert (h >= 1).all() and (w >= 1).all()
-    assert ((h * w) / 1200 >= 0.2 - 0.05).all()
+def test_random_resized_crop_boxes_stay_inside_each_image_and_reach_its_corners():
+    """torchvision's RandomResizedCrop.get_params per image, over each image's own (h, w): in a
+    batch mixing portrait, landscape (4:3) and square images every box lies inside its own image
+    with area >= scale[0] of it, and over 3000 draws the boxes cover every pixel, corners included
+    (the old centre-square store never reached a 4:3 photo's corners)."""
+    sizes = torch.tensor([[48, 64], [64, 48], [40, 40]]).repeat(1000, 1)
+    boxes = data.random_resized_crop_boxes(sizes, (0.2, 1.0), (3 / 4, 4 / 3), gen())
+    top, left, h, w = boxes.long().unbind(1)
+    height, width = sizes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
+    assert (top + h <= height).all() and (left + w <= width).all()
+    assert ((h * w) / (height * width) >= 0.2 - 0.05).all()
+    for k in range(3):  # coverage map of each image's boxes
+        seen = torch.zeros(*sizes[k].tolist())
+        for t, l, bh, bw in boxes[k::3].long().tolist():
+            seen[t:t + bh, l:l + bw] += 1
+        assert seen.min() > 0 and seen[0, 0] > 0 and seen[-1, -1] > 0, sizes[k].tolist()
     assert len(set(map(tuple, boxes.tolist()))) > 1000  # per-image parameters, not one per batch
 
 
 def test_crop_with_scale_one_and_ratio_one_is_the_identity_resize():
-    """RRC(scale (1, 1), ratio (1, 1)) of a square image = the whole image resized (= itself at same
-    size)."""
-    x = torch.rand(3, 3, 20, 20, generator=gen())
-    boxes = data.random_resized_crop_boxes(3, 20, 20, (1.0, 1.0), (1.0, 1.0), gen())
+    """RRC(scale (1, 1), ratio (1, 1)) of a square image = the whole image resized: itself at the
+    same size, torch's antialiased bilinear interpolate at others."""
+    x, sizes = torch.rand(3, 3, 20, 20, generator=gen()), torch.full((3, 2), 20)
+    boxes = data.random_resized_crop_boxes(sizes, (1.0, 1.0), (1.0, 1.0), gen())
     assert torch.equal(boxes, torch.tensor([[0.0, 0.0, 20.0, 20.0]] * 3))
-    assert torch.allclose(data.crop_resize(x, boxes, 20), x, atol=1e-5)
-    resized = F.interpolate(x, size=(12, 12), mode="bilinear", align_corners=False)
-    assert torch.allclose(data.crop_resize(x, boxes, 12), resized, atol=1e-5)
-    assert torch.allclose(data.crop_resize(x, boxes, 20, flip=torch.ones(3, dtype=torch.bool)),
-                          x.flip(-1), atol=1e-5)
+    assert torch.allclose(data.crop_resize(x, sizes, boxes, 20), x, atol=1e-5)
+    for out in (7, 12, 31):
+        resized = F.interpolate(x, size=(out, out), mode="bilinear", antialias=True)
+        assert torch.allclose(data.crop_resize(x, sizes, boxes, out), resized, atol=1e-5)
+    flip = torch.ones(3, dtype=torch.bool)
+    assert torch.allclose(data.crop_resize(x, sizes, boxes, 20, flip), x.flip(-1), atol=1e-5)
+
+
+def pil_resize(img, size, box=None, flip=False):
+    """The oracle: PIL's resize of a float (C, H, W) image, channel by channel in mode "F"."""
+    chans = [Image.fromarray(c.numpy(), "F").resize(size, Image.BILINEAR, box=box) for c in img]
+    out = torch.from_numpy(np.stack([np.asarray(c) for c in chans]))
+    return out.flip(-1) if flip else out
+
+
+def psnr(a, b):
+    return 10 * math.log10(1 / ((a - b) ** 2).mean().item())
+
+
+def fine_detail_batch():
+    """A 60 x 80 (h x w) image of uniform noise, and its transpose, on one 80 x 80 canvas."""
+    img = torch.rand(3, 60, 80, generator=gen(9))
+    x = torch.zeros(2, 3, 80, 80)
+    x[0, :, :60, :], x[1, :, :, :60] = img, img.transpose(1, 2)
+    return x, torch.tensor([[60, 80], [80, 60]]), [img, img.transpose(1, 2)]
+
+
+def test_crop_resize_equals_pil_resize_of_the_same_box():
+    """crop_resize == PIL's img.resize((out, out), BILINEAR, box) (antialiased; torchvision's
+    RandomResizedCrop on the photo) on the same boxes and flips, box/out from < 1 to > 3, landscape
+    and portrait images of noise: PSNR > 100 dB (measured >= 122 dB: float rounding only)."""
+    x, sizes, images = fine_detail_batch()
+    sizes16, flip = sizes.repeat(8, 1), torch.arange(16) % 4 < 2  # both flips on both images
+    box_per_out = []
+    for out in (12, 24, 40, 70):
+        boxes = data.random_resized_crop_boxes(sizes16, (0.05, 1.0), (3 / 4, 4 / 3), gen(out))
+        views = data.crop_resize(x.repeat(8, 1, 1, 1), sizes16, boxes, out, flip)
+        for view, (top, left, h, w), f, k in zip(views, boxes.tolist(), flip, range(16)):
+            ref = pil_resize(images[k % 2], (out, out), (left, top, left + w, top + h), bool(f))
+            assert psnr(view, ref) > 100, (out, top, left, h, w)
+        box_per_out.append(boxes[:, 2:] / out)
+    assert torch.cat(box_per_out).min() < 0.5 and torch.cat(box_per_out).max() > 3
+
+
+def test_finetune_and_center_views_equal_pil_resize_then_crop():
+    """center_view == Resize(round(s x 8/7)) -> CenterCrop(s) and finetune_train_view ==
+    Resize -> RandomCrop(s) anywhere in the non-square image -> flip, both through PIL (torchvision
+    0.7, the official fine-tuning transforms), on the same offsets: PSNR > 100 dB (measured >= 125).
+    """
+    x, sizes, images = fine_detail_batch()
+    mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
+    for s in (24, 40, 56):
+        resize = round(s * 8 / 7)
+        g = gen(s)
+        train_views = data.finetune_train_view(x, sizes, s, g)
+        g = gen(s)  # the same draws: crop_boxes, then the flips
+        boxes, flip = data.crop_boxes(sizes, s, g), torch.rand(2, generator=g) < 0.5
+        center = data.center_view(x, sizes, s)
+        for k, img in enumerate(images):
+            h, w = img.shape[1:]
+            rh, rw = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
+            resized = pil_resize(img, (rw, rh))
+            top, left = round((rh - s) / 2), round((rw - s) / 2)
+            ref = resized[:, top:top + s, left:left + s]
+            assert psnr(center[k] * std.view(3, 1, 1) + mean.view(3, 1, 1), ref) > 100, (s, k)
+            top, left = [round(v) for v in (boxes[k, :2] * torch.tensor([rh / h, rw / w])).tolist()]
+            ref = resized[:, top:top + s, left:left + s].flip(-1) if flip[k] else \
+                resized[:, top:top + s, left:left + s]
+            assert psnr(train_views[k] * std.view(3, 1, 1) + mean.view(3, 1, 1), ref) > 100
 
 
 def test_every_augmentation_keeps_shape_and_range():
     """Each op maps (N, 3, H, W) in [0, 1] to the same shape in [0, 1], whatever its parameters."""
     x = torch.rand(64, 3, 16, 16, generator=gen())
-    params = data.SSLAugment(16, solarize_p=0.5).sample(64, 16, 16, gen(1))
+    params = data.SSLAugment(16, solarize_p=0.5).sample(torch.full((64, 2), 16), gen(1))
     ops = {"jitter": lambda t: data.color_jitter(t, *params["jitter"]),
            "grayscale": lambda t: data.grayscale(t, params["gray"]),
            "blur": lambda t: data.gaussian_blur(t, params["sigma"], radius=6),
            "solarize": lambda t: data.solarize(t, params["solarize"]),
-           "crop": lambda t: data.crop_resize(t, params["boxes"], 12, params["flip"])}
+           "crop": lambda t: data.crop_resize(t, params["sizes"], params["boxes"], 12,
+                                              params["flip"])}
     for name, op in ops.items():
         y = op(x)
         assert y.shape[:2] == x.shape[:2] and y.min() >= 0 and y.max() <= 1 + 1e-6, name
@@ -251,9 +472,9 @@ def test_every_augmentation_keeps_shape_and_range():
 
 def test_augmentation_parameters_differ_across_the_batch():
     """Every image draws its own crop, flip, jitter factors and order, grey, blur and solarisation;
-    the probabilities of the paper's pipeline show in the frequencies (PAPER.md §3.1)."""
+    the probabilities of the paper's pipeline show in the frequencies (MoCo v2 aug-plus)."""
     n = 4000
-    p = data.SSLAugment(16, solarize_p=0.3).sample(n, 20, 20, gen(2))
+    p = data.SSLAugment(16, solarize_p=0.3).sample(torch.full((n, 2), 20), gen(2))
     factors, order = p["jitter"]
     applied = factors[:, 0] != 1
     assert len({tuple(b) for b in p["boxes"].tolist()}) > 100
@@ -285,12 +506,13 @@ def test_jitter_applies_its_ops_in_each_images_own_order():
 
 
 def test_ssl_augment_produces_normalised_views_of_the_requested_size():
-    """Full pipeline: uint8 store (N, 3, S, S) -> (N, 3, input_size, input_size), two views
-    differ."""
+    """Full pipeline: uint8 store (N, 3, L, L) with sizes (N, 2) -> (N, 3, input_size,
+    input_size), two views differ."""
     imgs = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8, generator=gen())
+    sizes = torch.tensor([[20, 20], [15, 20], [20, 14], [9, 12]]).repeat(2, 1)
     aug = data.SSLAugment(16)
     g = gen(5)
-    v1, v2 = aug(data.to_float(imgs), g), aug(data.to_float(imgs), g)
+    v1, v2 = aug(data.to_float(imgs), sizes, g), aug(data.to_float(imgs), sizes, g)
     assert v1.shape == (8, 3, 16, 16) and not torch.allclose(v1, v2)
     lo = (0 - max(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
     hi = (1 - min(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
@@ -385,8 +607,8 @@ def test_missing_and_empty_folders_raise_errors_that_name_them(tmp_path):
 
 
 def test_decoding_handles_every_image_mode(tmp_path):
-    """CMYK, 16-bit grey, palette, alpha and tiny images all decode to RGB uint8 (3, S, S)
-    correctly."""
+    """CMYK, 16-bit grey, palette, alpha and tiny images all decode to RGB uint8 (3, h, w)
+    correctly; images smaller than the store keep their own size."""
     red = Image.new("RGB", (10, 8), (255, 0, 0))
     red.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
     Image.fromarray(np.full((8, 10), 65535 // 2, dtype=np.uint16)).save(tmp_path / "grey16.png")
@@ -395,12 +617,13 @@ def test_decoding_handles_every_image_mode(tmp_path):
     Image.new("RGB", (3, 2), (0, 255, 0)).save(tmp_path / "tiny.png")
     out = {name: data.decode_image(str(tmp_path / name), 16) for name in
            ("cmyk.jpg", "grey16.png", "palette.png", "alpha.png", "tiny.png")}
-    assert all(v.shape == (3, 16, 16) and v.dtype == np.uint8 for v in out.values())
+    assert all(v.dtype == np.uint8 for v in out.values())
+    assert all(v.shape == (3, 8, 10) for k, v in out.items() if k != "tiny.png")
     assert out["cmyk.jpg"][0].mean() > 240 and out["cmyk.jpg"][1:].mean() < 15
     assert abs(int(out["grey16.png"].mean()) - 127) <= 1  # scaled from 16 bits, not clipped to 255
     assert out["palette.png"][0].min() > 240
     assert out["alpha.png"].min() == 255  # fully transparent: the white background, not hidden blue
-    assert (out["tiny.png"][1] == 255).all()  # upscaled so every crop fits
+    assert out["tiny.png"].shape == (3, 2, 3) and (out["tiny.png"][1] == 255).all()
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -409,8 +632,41 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display: the white half goes to the top
     img.save(tmp_path / "rot.jpg", exif=exif, quality=100)
-    out = data.decode_image(str(tmp_path / "rot.jpg"), 10)  # displayed 10 x 20, centre 10 x 10 crop
-    assert out[:, :4].mean() > 200 and out[:, 6:].mean() < 50  # white on top, not on the left
+    out = data.decode_image(str(tmp_path / "rot.jpg"), 10)  # displayed 10 x 20, centre 15 rows
+    assert out.shape == (3, 15, 10)
+    assert out[:, :6].mean() > 200 and out[:, 9:].mean() < 50  # white on top, not on the left
+
+
+def test_decode_keeps_the_aspect_ratio_up_to_the_cap_and_never_upscales(tmp_path):
+    """decode_image: shorter side -> short_side (PIL's antialiased resize), longer side
+    centre-cropped to at most round(short x max_aspect); max_aspect 1 is the centre square; a photo
+    smaller than short_side keeps its own pixels."""
+    paths = {(w, h): write_image(str(tmp_path / f"{w}x{h}.png"), (w, h)) for w, h in
+             [(80, 60), (60, 80), (100, 40), (24, 20)]}
+    assert data.decode_image(paths[80, 60], 30).shape == (3, 30, 40)  # 4:3 whole
+    assert data.decode_image(paths[60, 80], 30).shape == (3, 40, 30)  # portrait whole
+    assert data.decode_image(paths[100, 40], 20).shape == (3, 20, 30)  # 5:2 cut to 3:2
+    assert data.decode_image(paths[60, 80], 30, max_aspect=1).shape == (3, 30, 30)
+    source = np.asarray(Image.open(paths[80, 60])).transpose(2, 0, 1)
+    centre = data.decode_image(paths[80, 60], 60, max_aspect=1.25)  # 60 x 75 of 60 x 80
+    assert np.array_equal(centre, source[:, :, 2:77])
+    small = data.decode_image(paths[24, 20], 64)  # capped at the source's short side
+    assert np.array_equal(small, np.asarray(Image.open(paths[24, 20])).transpose(2, 0, 1))
+
+
+def test_cache_key_covers_short_side_and_max_aspect(tmp_path, capsys):
+    """A changed short side or max_aspect decodes anew (never a stale cache); the same ones reuse
+    it, sizes included."""
+    root = make_folder(tmp_path, classes=1, per_class=2, size=(40, 20))
+    listing, cache = data.list_split(root, "train"), str(tmp_path / "cache")
+    for short_side, max_aspect, sizes, cached in [(16, 1.5, [16, 24], False),
+                                                  (16, 2.0, [16, 32], False),
+                                                  (12, 1.5, [12, 18], False),
+                                                  (16, 1.5, [16, 24], True)]:
+        images, got, _ = data.load_split(listing, short_side, cache, max_aspect=max_aspect)
+        assert got.tolist() == [sizes] * 2 and images.shape == (2, 3, sizes[1], sizes[1])
+        assert ("from cache" in capsys.readouterr().out) == cached, (short_side, max_aspect)
+    assert len([f for f in os.listdir(cache) if f.endswith(".npy")]) == 3
 
 
 def test_unreadable_files_are_skipped_with_a_count_and_non_images_ignored(tmp_path, capsys):
@@ -426,36 +682,44 @@ def test_unreadable_files_are_skipped_with_a_count_and_non_images_ignored(tmp_pa
         f.write("ignored by extension")
     listing = data.list_split(root, "train")
     assert len(listing.paths) == 5  # .txt is not listed
-    images, kept = data.load_split(listing, 16, str(tmp_path / "cache"))
-    assert len(kept) == 3 and images.shape == (3, 3, 16, 16)
+    images, sizes, kept = data.load_split(listing, 16, str(tmp_path / "cache"))
+    assert len(kept) == 3 and images.shape == (3, 3, 19, 19)  # 24 x 20 photos -> 19 x 16
+    assert sizes.tolist() == [[16, 19]] * 3
     assert "skipped 2 unreadable of 5" in capsys.readouterr().out
 
 
 def test_disk_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path, capsys):
     root = make_folder(tmp_path, classes=1, per_class=3)
     cache = str(tmp_path / "cache")
-    first, _ = data.load_split(data.list_split(root, "train"), 16, cache)
+    first, sizes, _ = data.load_split(data.list_split(root, "train"), 16, cache)
     assert "decoded 3 images" in capsys.readouterr().out
-    again, _ = data.load_split(data.list_split(root, "train"), 16, cache)
+    again, sizes_again, _ = data.load_split(data.list_split(root, "train"), 16, cache)
     assert "from cache" in capsys.readouterr().out and np.array_equal(first, again)
+    assert np.array_equal(sizes, sizes_again) and sizes.dtype == np.int64
     path = data.list_split(root, "train").paths[0]
     Image.new("RGB", (24, 20), (7, 7, 7)).save(path)
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
-    changed, _ = data.load_split(data.list_split(root, "train"), 16, cache)
+    changed, _, _ = data.load_split(data.list_split(root, "train"), 16, cache)
     assert "decoded 3 images" in capsys.readouterr().out
-    assert (changed[0] == 7).all() and not np.array_equal(changed, first)
+    assert (changed[0, :, :16, :19] == 7).all() and not np.array_equal(changed, first)
 
 
-def test_store_gathers_batches_from_memory_and_from_the_memmap_alike(tmp_path):
+def test_store_gathers_batches_from_memory_and_from_the_memmap_alike(tmp_path, capsys):
     root = make_folder(tmp_path, classes=2, per_class=4)
     listing = data.list_split(root, "train")
-    images, _ = data.load_split(listing, 16, str(tmp_path / "cache"))
-    on_disk = data.ImageStore(images, listing.labels).to(torch.device("cpu"), max_bytes=0)
-    in_memory = data.ImageStore(images, listing.labels).to(torch.device("cpu"), max_bytes=1 << 30)
-    assert isinstance(on_disk.images, np.ndarray) and isinstance(in_memory.images, torch.Tensor)
-    idx = torch.tensor([5, 0, 3])
+    images, sizes, _ = data.load_split(listing, 16, str(tmp_path / "cache"))
     cpu = torch.device("cpu")
-    assert torch.equal(on_disk.batch(idx, cpu), in_memory.batch(idx, cpu))
+    on_disk = data.ImageStore(images, sizes, listing.labels).to(cpu, max_bytes=0)
+    in_memory = data.ImageStore(images, sizes, listing.labels).to(cpu, max_bytes=1 << 30)
+    assert isinstance(on_disk.images, np.ndarray) and isinstance(in_memory.images, torch.Tensor)
+    assert "stays memory-mapped on disk" in capsys.readouterr().out
+    idx = torch.tensor([5, 0, 3])
+    (a, sizes_a), (b, sizes_b) = on_disk.batch(idx, cpu), in_memory.batch(idx, cpu)
+    assert torch.equal(a, b) and torch.equal(sizes_a, sizes_b)
+    assert torch.equal(sizes_a, torch.as_tensor(sizes)[idx]) and a.shape == (3, 3, 19, 19)
+    part = in_memory.subset([3, 5])
+    assert torch.equal(part.batch(torch.tensor([1]), cpu)[0], a[:1])
+    assert part.labels.tolist() == [0, 1]
 
 
 def test_builtin_dataset_is_deterministic_and_balanced():
@@ -463,6 +727,8 @@ def test_builtin_dataset_is_deterministic_and_balanced():
     b, lb = data.synthetic_dataset(40, 16, seed=3)
     assert torch.equal(a, b) and torch.equal(la, lb) and a.dtype == torch.uint8
     assert torch.bincount(la).tolist() == [4] * len(data.SHAPES)
+    store = data.synthetic_store(40, 16, seed=3)
+    assert torch.equal(store.images, a) and (store.sizes == 16).all()
 
 
 # ----- train.py: the command line, checkpoints, bad input -----------------------------------------
@@ -548,6 +814,217 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
         train.main(pretrain_argv(str(tmp_path / "nowhere"), tmp_path / "run"))
 
 
+# ----- faults: a failed run fails, an interrupted run keeps its work, no flag crashes it ---------
+
+def run_child(argv, cwd, **kwargs):
+    """train.py in a child process (for real signals), with this project on its path."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    return subprocess.Popen([sys.executable, script, *argv], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def same_weights(path_a, path_b):
+    a, b = (torch.load(p, weights_only=True)["model"] for p in (path_a, path_b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size: must be >= 2, got 0"),
+    (["--batch-size", "-8"], "--batch-size: must be >= 2"),
+    (["--save-every", "0"], "--save-every: must be >= 1"),
+    (["--print-freq", "0"], "--print-freq: must be >= 1"),
+    (["--input-size", "0"], "--input-size: must be >= 8"),
+    (["--input-size", "-32"], "--input-size: must be >= 8"),
+    (["--epochs", "0"], "--epochs: must be >= 1"),
+    (["--crop-scale", "1.0", "0.2"], "--crop-scale 1.0 0.2: the smaller area fraction comes first"),
+    (["--moco-t", "0"], "--moco-t: must be > 0"),
+    (["--moco-m", "1.5"], "--moco-m: must be [0, 1]"),
+    (["--lr", "nan"], "--lr: must be >= 0"),
+    (["--workers", "x"], "--workers: expected an integer"),
+])
+def test_every_numeric_flag_is_checked_at_parse_time(argv, message, capsys):
+    """Bad numbers stop at the parser, with the flag and its allowed range in the message."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["pretrain", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_unusable_paths_are_refused_before_any_decoding(tmp_path):
+    """--data that is a file, a --save-dir under a file: one line naming the flag."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="--data .* is a file, not a folder"):
+        train.main(pretrain_argv(str(tmp_path / "file"), tmp_path / "run"))
+    with pytest.raises(SystemExit, match="--save-dir .*: cannot create the folder"):
+        train.main(pretrain_argv(root, tmp_path / "file" / "run", "--cache-dir",
+                                 str(tmp_path / "cache")))
+    assert not list((tmp_path / "cache").glob("*.npy"))  # nothing was decoded
+
+
+@pytest.mark.parametrize("poison", ["lr", "batch"])
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, poison,
+                                                                            monkeypatch):
+    """A NaN loss (lr 1e6, or NaN images from epoch 2 on) exits non-zero naming the step and the
+    likely cause; checkpoint.pt keeps epoch 1 and no summary claims a result."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    if poison == "batch":  # 2 steps an epoch: the third batch on is NaN
+        to_float, calls = data.to_float, []
+        monkeypatch.setattr(data, "to_float", lambda x: to_float(x) * (
+            float("nan") if calls.append(1) or len(calls) > 2 else 1.0))
+    lr = ["--lr", "1e6"] if poison == "lr" else []
+    with pytest.raises(SystemExit, match="not finite at epoch 2 step .*lower --lr") as stop:
+        train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "3", *lr))
+    assert stop.value.code != 0 and not (tmp_path / "run" / "summary.json").exists()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_records_stay_valid_json_with_null_for_nan(tmp_path):
+    """json_safe: NaN and infinities become null, nested too."""
+    assert runs.json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"}) == \
+        {"a": None, "b": [1.0, None], "c": "x"}
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path,
+                                                                                  capsys):
+    """One run per --save-dir: a live owner's lock refuses the second run; a dead one's is taken."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    (tmp_path / "run").mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run" / ".lock").write_text(f"{sleeper.pid} {socket.gethostname()}")
+        with pytest.raises(SystemExit, match=f"in use by process {sleeper.pid}"):
+            train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1"))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (tmp_path / "run" / "checkpoint.pt.999.tmp").write_text("half a checkpoint")
+    train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1"))
+    assert "is gone, taking the folder over" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "config.json", "log.jsonl",
+                                                    "summary.json"]
+
+
+def test_sigint_saves_the_interrupted_epoch_and_resume_is_exact(tmp_path):
+    """Ctrl-C mid-epoch: the step ends, checkpoint.pt holds it, exit status 130; --resume from it
+    reaches the same weights as an uninterrupted run, and log.jsonl has each epoch once."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=16)
+    extra = ["--epochs", "2", "--batch-size", "4", "--moco-k", "8"]
+    argv = pretrain_argv(root, tmp_path / "run", *extra)
+    child = run_child(argv, cwd=tmp_path)
+    for line in iter(lambda: child.stdout.readline(), ""):  # wait until it trains
+        if "step 2/" in line:
+            break
+    child.send_signal(signal.SIGINT)
+    out = child.communicate(timeout=120)[0]
+    assert child.returncode == 130 and "--resume" in out, out
+    assert "step" in torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    train.main(argv + ["--resume", str(tmp_path / "run" / "checkpoint.pt")])
+    train.main(pretrain_argv(root, tmp_path / "full", *extra))
+    assert same_weights(tmp_path / "run" / "checkpoint.pt", tmp_path / "full" / "checkpoint.pt")
+    epochs = [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "log.jsonl")]
+    assert epochs == [1, 2]
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_exact(tmp_path):
+    """A process killed while writing epoch 2's checkpoint leaves epoch 1's intact (atomic rename);
+    resuming from it reaches the uninterrupted run's weights; the stale lock and temp file go."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    argv = pretrain_argv(root, tmp_path / "run", "--epochs", "3")
+    killer = ("import os, signal, sys, torch, runs, train\n"
+              "save, calls = torch.save, []\n"
+              "def dying_save(obj, f):\n"
+              "    calls.append(f)\n"
+              "    if len(calls) == 2:\n"
+              "        open(f, 'wb').write(b'PK half')\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    save(obj, f)\n"
+              "runs.torch.save = dying_save\n"
+              f"train.main({argv!r})\n")
+    child = subprocess.run([sys.executable, "-c", killer], cwd=os.path.dirname(
+        os.path.abspath(__file__)), capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    train.main(argv + ["--resume", str(tmp_path / "run" / "checkpoint.pt")])
+    train.main(pretrain_argv(root, tmp_path / "full", "--epochs", "3"))
+    assert same_weights(tmp_path / "run" / "checkpoint.pt", tmp_path / "full" / "checkpoint.pt")
+    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp") or f == ".lock"]
+
+
+def test_resume_refuses_other_settings_other_commands_and_corrupt_files(tmp_path, capsys):
+    """--resume: changed settings are listed (and allowed with --force-resume); a checkpoint of
+    another method or command gets one line naming the command; flipped bytes fail the checksum."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    make_folder(tmp_path / "data", classes=2, per_class=2, split="val")
+    train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1"))
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(SystemExit, match=r"differs from the checkpoint.s in .*input_size 16 -> 24"):
+        train.main(pretrain_argv(root, tmp_path / "run", "--input-size", "24", "--resume", ckpt))
+    with pytest.raises(SystemExit, match=r"checkpoint of `train.py pretrain --method moco`"):
+        train.main(pretrain_argv(root, tmp_path / "b", "--method", "byol", "--resume", ckpt))
+    with pytest.raises(SystemExit, match=r"checkpoint of `train.py pretrain --method moco`"):
+        train.main(stage_argv("finetune", root, tmp_path, "ft", "--resume", ckpt))
+    train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "2", "--resume", ckpt,
+                             "--force-resume"))
+    assert "--force-resume: continuing although epochs 1 -> 2" in capsys.readouterr().out
+    raw = bytearray(open(ckpt, "rb").read())
+    i = raw.index(b"data/") + 200  # inside the first tensor's bytes
+    raw[i] ^= 0xFF
+    open(ckpt, "wb").write(bytes(raw))
+    with pytest.raises(SystemExit, match="corrupt"):
+        train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "2", "--resume", ckpt))
+
+
+def test_a_symlink_loop_lists_each_image_once_and_outside_links_still_work(tmp_path):
+    """`bees/loop -> .` must not repeat the class (it listed every image 41 times); a symlink to a
+    folder outside the tree is followed."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=3)
+    os.symlink(".", os.path.join(root, "train", "class0", "loop"))
+    outside = make_folder(tmp_path / "elsewhere", classes=1, per_class=2)
+    os.symlink(os.path.join(outside, "train", "class0"), os.path.join(root, "train", "class1",
+                                                                      "more"))
+    listing = data.list_split(root, "train")
+    assert len(listing.paths) == 8 and np.bincount(listing.labels).tolist() == [3, 5]
+
+
+def test_skipped_files_are_listed_and_counted_on_every_run_and_empty_classes_are_errors(tmp_path):
+    """skipped.txt and summary.json name the undecodable files, from the cache too; a class left
+    with no usable image is an error for a supervised stage."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    bad = tmp_path / "data" / "train" / "class1" / "broken.png"
+    bad.write_bytes(b"not a png")
+    for run in ("run", "again"):  # the second run reads the cache
+        train.main(pretrain_argv(root, tmp_path / run, "--epochs", "1"))
+        assert open(tmp_path / run / "skipped.txt").read() == f"{bad}\n"
+        assert json.load(open(tmp_path / run / "summary.json"))["skipped_files"] == 1
+    empty = make_folder(tmp_path / "e", classes=2, per_class=2)
+    make_folder(tmp_path / "e", classes=2, per_class=2, split="val")
+    for png in (tmp_path / "e" / "train" / "class1").iterdir():
+        png.write_bytes(b"broken")
+    with pytest.raises(SystemExit, match=r"class folder\(s\) \['class1'\] .* no usable training"):
+        train.main(stage_argv("finetune", empty, tmp_path, "ft", "--arch", "resnet18"))
+
+
+def test_the_cache_is_bounded_oldest_split_first(tmp_path, capsys):
+    """prune_cache: beyond max_bytes the least recently used decoded split goes, the one in use
+    stays."""
+    cache = str(tmp_path / "cache")
+    for name, seed in (("old", 0), ("new", 1)):
+        root = make_folder(tmp_path / name, classes=1, per_class=4, size=(40, 40))
+        data.load_split(data.list_split(root, "train"), 32, cache, max_bytes=1 << 30)
+        os.utime(next(p for p in (tmp_path / "cache").glob(f"{name}*.npy")), (seed, seed))
+    data.load_split(data.list_split(make_folder(tmp_path / "third", classes=1, per_class=4),
+                                    "train"), 16, cache, max_bytes=20_000)
+    left = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.npy"))
+    assert left == ["new", "third"] and "removed" in capsys.readouterr().out
+
+
+def test_a_batch_that_drops_over_a_tenth_of_the_split_says_so(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", classes=2, per_class=7)  # 14 images, batches of 8
+    train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1", "--moco-k", "8"))
+    assert "leave 6 of 14 images out of every epoch" in capsys.readouterr().out
+
+
 # ----- the S3L recipe: fine-tuning, warm-up, linear probe, subsets, export ------------------------
 
 def test_mixup_mixes_images_and_losses_with_the_same_lambda_and_permutation():
@@ -586,7 +1063,7 @@ def test_load_backbone_names_missing_and_unexpected_keys_instead_of_loading_in_p
 
 
 def test_backbone_state_strips_official_moco_and_byol_prefixes():
-    """PAPER.md §8: module.encoder_q.* (MoCo/SimCLR DDP), encoder_q.* (BYOL); heads and queue
+    """Official checkpoints: module.encoder_q.* (MoCo/SimCLR DDP), encoder_q.* (BYOL); heads, queue
     dropped."""
     sd = models.resnet18().state_dict()
     official = {f"module.encoder_q.{k}": v for k, v in sd.items()}

@@ -82,8 +82,8 @@ def number(kind=int, low=None, high=None, open_low=False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
-                                             f", got {text!r}") from None
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         too_low = low is not None and (value <= low if open_low else value < low)
         if too_low or (high is not None and value > high) or not math.isfinite(value):
             bounds = f"{'(' if open_low else '['}{low}, {high}]" if high is not None else \
@@ -108,27 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     # method: a flag left unset takes its method's value in METHOD_DEFAULTS
     p.add_argument("--method", choices=sorted(s3l.METHODS), default="moco")
     p.add_argument("--dim", type=number(int, 1), default=128, help="projection output dimension")
-    p.add_argument("--moco-k", type=number(int, 1), help="MoCo queue length K (official CUB script: 4096)")
+    p.add_argument("--moco-k", type=number(int, 1), help="MoCo queue length K (official CUB "
+                   "script: 4096)")
     p.add_argument("--moco-m", type=number(float, 0, 1), help="MoCo key-encoder momentum")
     p.add_argument("--moco-t", type=POSITIVE, help="MoCo softmax temperature")
     p.add_argument("--simclr-t", type=POSITIVE, help="SimCLR NT-Xent temperature")
-    p.add_argument("--simclr-base-t", type=POSITIVE, help="SimCLR loss x t / base-t, as the official "
-                   "SupCon-based code; equal to --simclr-t: the plain NT-Xent")
+    p.add_argument("--simclr-base-t", type=POSITIVE, help="SimCLR loss x t / base-t, as the "
+                   "official SupCon-based code; equal to --simclr-t: the plain NT-Xent")
     p.add_argument("--byol-tau", type=number(float, 0, 1), help="BYOL target EMA, constant")
-    p.add_argument("--byol-hidden-dim", type=number(int, 1), help="BYOL projector/predictor hidden width")
-    p.add_argument("--bn-batch", type=number(int, 0), help="images per BatchNorm group, emulating the official "
-                   "per-GPU BN (default: the method's group, at most the batch); 0: the whole batch")
-    p.add_argument("--crop-scale", type=number(float, 0, 1, open_low=True), nargs=2, default=[0.2, 1.0],
-                   help="RandomResizedCrop area range (MoCo v2 aug-plus)")
-    p.add_argument("--solarize-p", type=number(float, 0, 1), default=0.0, help="solarisation probability (BYOL "
-                   "paper's recipe; the S3L code uses none)")
+    p.add_argument("--byol-hidden-dim", type=number(int, 1), help="BYOL projector/predictor "
+                   "hidden width")
+    p.add_argument("--bn-batch", type=number(int, 0), help="images per BatchNorm group, emulating "
+                   "the official per-GPU BN (default: the method's group, at most the batch); 0: "
+                   "the whole batch")
+    p.add_argument("--crop-scale", type=number(float, 0, 1, open_low=True), nargs=2,
+                   default=[0.2, 1.0], help="RandomResizedCrop area range (MoCo v2 aug-plus)")
+    p.add_argument("--solarize-p", type=number(float, 0, 1), default=0.0,
+                   help="solarisation probability (BYOL paper's recipe; the S3L code uses none)")
     add_optim_args(p)
-    p.add_argument("--warmup-epochs", type=number(float, 0), help="linear warm-up from lr 0.01, per iteration "
+    p.add_argument("--warmup-epochs", type=number(float, 0),
+                   help="linear warm-up from lr 0.01, per iteration "
                    f"(default: SimCLR's 10 when the batch exceeds {WARMUP_MIN_BATCH}, else 0)")
     p.add_argument("--init-from", help="multi-stage resolution: continue from this earlier stage's "
                    "checkpoint at the new --input-size, with a fresh optimizer and schedule")
-    p.add_argument("--knn-every", type=number(int, 0), default=10, help="kNN monitor every N epochs and at "
-                   "the end (0: only at the end), when labels are available")
+    p.add_argument("--knn-every", type=number(int, 0), default=10, help="kNN monitor every N "
+                   "epochs and at the end (0: only at the end), when labels are available")
     p.add_argument("--knn-train", help="labelled folder for the kNN memory bank (default: the "
                    "train split of --data)")
     p.add_argument("--knn-val", help="labelled folder of kNN queries (default: the test split)")
@@ -146,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pretrained", required=name == "warmup-conv5", help="checkpoint to start "
                        "from: this project's, an export, or the official S3L/MoCo/BYOL ones")
         add_optim_args(p)
-        p.add_argument("--lr-steps", type=number(int, 0), nargs="*", help="epochs at which lr x0.1; none: "
-                       "cosine per iteration")
+        p.add_argument("--lr-steps", type=number(int, 0), nargs="*", help="epochs at which lr "
+                       "x0.1; none: cosine per iteration")
         if name == "linear":
             p.add_argument("--cached-features", action="store_true", help="train on centre-crop "
                            "features computed once (fast), not the official protocol's random "
@@ -161,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--frozen-bn-eval", action="store_true", help="keep the BN layers of "
                            "the frozen conv1-4 in eval mode (the official code updates their "
                            "statistics)")
-        p.add_argument("--eval-every", type=number(int, 1), default=1, help="test top-1 every N epochs and at "
-                       "the end")
+        p.add_argument("--eval-every", type=number(int, 1), default=1, help="test top-1 every N "
+                       "epochs and at the end")
         add_device_args(p, save_dir=f"runs/{name}")
         add_run_args(p)
         p.set_defaults(**STAGE_DEFAULTS[name])
@@ -188,11 +192,16 @@ def add_data_args(p):
     p.add_argument("--test-split", help="split to evaluate on (default: val if present, else test)")
     p.add_argument("--subset", help="small data, seeded by --seed: per-class=N, total=N or "
                    "classes=C,total=N of the train split; files listed in subset.txt")
-    p.add_argument("--store-size", type=number(int, 8), help="decoded square size in px (default: input size "
-                   "x 8/7, as Resize(256) for 224 crops)")
+    p.add_argument("--store-size", type=number(int, 8), help="shorter side of the decoded images "
+                   "in px, trading fidelity for memory (default: pretraining input / sqrt(min "
+                   "crop scale), so crops are not enlarged; other stages input x 8/7, as "
+                   "Resize(256))")
+    p.add_argument("--cache-max-gb", type=number(float, 0), default=20.0, help="bound on "
+                   "--cache-dir: the least recently used decoded splits are removed beyond it")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "s3l"),
                    help="where decoded splits are cached")
-    p.add_argument("--workers", type=number(int, 0), default=0, help="decoding processes (0: one per core)")
+    p.add_argument("--workers", type=number(int, 0), default=0, help="decoding processes (0: one "
+                   "per core)")
 
 
 CONV5_HELP = {  # what --no-conv5 means to each command
@@ -211,21 +220,25 @@ def add_model_args(p, input_size, command):
     p.add_argument("--conv5", action=argparse.BooleanOptionalAction, help=CONV5_HELP[command])
     p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 conv1 "
                    "and no max-pool, for inputs of 64 px and below")
-    p.add_argument("--input-size", type=number(int, 8), default=input_size, help="resolution in px (S3L "
-                   "pretrains at 112 or 56 and fine-tunes at 224; kNN: the checkpoint's)")
+    p.add_argument("--input-size", type=number(int, 8), default=input_size,
+                   help="resolution in px (S3L pretrains at 112 or 56 and fine-tunes at 224; kNN: "
+                   "the checkpoint's)")
 
 
 def add_optim_args(p):
     p.add_argument("--epochs", type=number(int, 1), help="passes over the training split")
     p.add_argument("--batch-size", type=number(int, 2), help="images per step")
     p.add_argument("--lr", type=number(float, 0), help="base learning rate, SGD")
-    p.add_argument("--weight-decay", "--wd", type=number(float, 0), help="on every parameter, BN included")
+    p.add_argument("--weight-decay", "--wd", type=number(float, 0), help="on every parameter, BN "
+                   "included")
     p.add_argument("--momentum", type=number(float, 0, 1), default=0.9)
 
 
 def add_knn_args(p):
-    p.add_argument("--knn-k", type=number(int, 1), default=200, help="neighbours of the weighted kNN")
-    p.add_argument("--knn-t", type=POSITIVE, default=0.1, help="temperature of the kNN vote weights")
+    p.add_argument("--knn-k", type=number(int, 1), default=200, help="neighbours of the weighted "
+                   "kNN")
+    p.add_argument("--knn-t", type=POSITIVE, default=0.1, help="temperature of the kNN vote "
+                   "weights")
 
 
 def add_device_args(p, save_dir):
@@ -248,11 +261,12 @@ def add_run_args(p):
                    "settings that define the run must match it)")
     p.add_argument("--force-resume", action="store_true", help="resume even when those settings "
                    "differ from the checkpoint's (they are listed)")
-    p.add_argument("--save-every", type=number(int, 1), default=20, help="numbered checkpoint every N epochs")
+    p.add_argument("--save-every", type=number(int, 1), default=20, help="numbered checkpoint "
+                   "every N epochs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model and the "
                    "augmentation (same loss to float tolerance)")
-    p.add_argument("--print-freq", type=number(int, 1), default=10, help="progress line (and loss read-back) "
-                   "every N steps")
+    p.add_argument("--print-freq", type=number(int, 1), default=10, help="progress line (and loss "
+                   "read-back) every N steps")
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -439,33 +453,41 @@ def store_bytes_limit(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 3
 
 
-def load_store(args, split: str, input_size: int, runtime: Runtime, root=None) -> data.ImageStore:
-    """One split of --data (or `root`), decoded or read from the cache, on the training device."""
-    root, size = root or args.data, args.store_size or round(input_size * 8 / 7)
-    if size < input_size:
-        raise SystemExit(f"--store-size {size} is smaller than --input-size {input_size}")
+def load_store(args, split: str, input_size: int, runtime: Runtime, root=None,
+               min_crop_scale=None) -> data.ImageStore:
+    """One split of --data (or `root`), decoded or read from the cache, on the training device.
+    Its shorter side: --store-size, else data.store_short_side (min_crop_scale: pretraining's)."""
+    root = root or args.data
+    size = args.store_size or data.store_short_side(input_size, min_crop_scale)
     if root is None:  # the built-in shapes: generated in seconds, never cached
         n, seed = (BUILTIN_TRAIN, 0) if split == "train" else (BUILTIN_TEST, 1)
-        images, labels = data.synthetic_dataset(n, size, seed)
-        return data.ImageStore(images, labels, data.SHAPES).to(runtime.device, 1 << 62)
+        return data.synthetic_store(n, size, seed).to(runtime.device, 1 << 62)
     listing = data.list_split(root, split)
-    images, kept = data.load_split(listing, size, args.cache_dir, args.workers)
+    images, sizes, kept = data.load_split(listing, size, args.cache_dir, args.workers,
+                                          max_bytes=int(args.cache_max_gb * 2**30))
     labels = None if listing.labels is None else [listing.labels[i] for i in kept]
-    store = data.ImageStore(images, labels, listing.classes, [listing.paths[i] for i in kept])
-    store = store.to(runtime.device, store_bytes_limit(runtime.device))
-    if not isinstance(store.images, torch.Tensor):
-        print(f"{listing.name}: {images.nbytes / 2**30:.1f} GiB stays memory-mapped on disk")
-    return store
+    kept_set = set(kept)
+    skipped = [p for i, p in enumerate(listing.paths) if i not in kept_set]
+    store = data.ImageStore(images, sizes, labels, listing.classes,
+                            [listing.paths[i] for i in kept], skipped)
+    return store.to(runtime.device, store_bytes_limit(runtime.device),
+                    host_max_bytes=store_bytes_limit(torch.device("cpu")))
 
 
-def load_train_store(args, input_size: int, runtime: Runtime) -> data.ImageStore:
-    """The training split, cut to --subset (seeded); the chosen files go to SAVE_DIR/subset.txt."""
-    store = load_store(args, args.train_split, input_size, runtime)
+def load_train_store(args, input_size: int, runtime: Runtime,
+                     min_crop_scale=None) -> data.ImageStore:
+    """The training split, cut to --subset (seeded): the chosen files go to SAVE_DIR/subset.txt,
+    the files that could not be decoded to SAVE_DIR/skipped.txt (from the cache too)."""
+    store = load_store(args, args.train_split, input_size, runtime, min_crop_scale=min_crop_scale)
+    if store.skipped:
+        with open(os.path.join(args.save_dir, "skipped.txt"), "w") as f:
+            f.write("".join(f"{path}\n" for path in store.skipped))
+        print(f"{len(store.skipped)} unreadable files skipped, listed in "
+              f"{args.save_dir}/skipped.txt")
     if not args.subset:
         return store
     labels = None if store.labels is None else store.labels.tolist()
     idx = data.subset_indices(labels, args.subset, args.seed)
-    os.makedirs(args.save_dir, exist_ok=True)
     with open(os.path.join(args.save_dir, "subset.txt"), "w") as f:
         f.write("".join(f"{store.paths[i] if store.paths else i}\n" for i in idx))
     print(f"--subset {args.subset}: {len(idx)} of {len(store)} images ({args.save_dir}/subset.txt)")
@@ -474,7 +496,7 @@ def load_train_store(args, input_size: int, runtime: Runtime) -> data.ImageStore
 
 def store_report(store: data.ImageStore) -> dict:
     """What summary.json says about a training split."""
-    return dict(train_images=len(store))
+    return dict(train_images=len(store), skipped_files=len(store.skipped))
 
 
 def test_split(args) -> str:
@@ -488,6 +510,11 @@ def labelled_splits(args, input_size: int, runtime: Runtime):
     if train_store.labels is None or test_store.labels is None:
         raise SystemExit(f"{args.command} needs labels: --data must hold class folders (or CUB's "
                          "layout)")
+    empty = [c for c, n in zip(train_store.classes, torch.bincount(
+        train_store.labels.cpu(), minlength=len(train_store.classes)).tolist()) if n == 0]
+    if empty:
+        raise SystemExit(f"{args.command}: class folder(s) {empty[:10]} of {args.data} have no "
+                         "usable training images (see skipped.txt): add images or remove them")
     if train_store.classes != test_store.classes:
         missing = sorted(set(train_store.classes) - set(test_store.classes))
         extra = sorted(set(test_store.classes) - set(train_store.classes))
@@ -575,7 +602,8 @@ def extract_features(backbone, store: data.ImageStore, input_size: int, runtime:
     for start in range(0, len(store), batch_size):
         stop = min(start + batch_size, len(store))
         idx = torch.arange(start, stop, device=runtime.device)
-        x = data.center_view(data.to_float(store.batch(idx, runtime.device)), input_size)
+        images, sizes = store.batch(idx, runtime.device)
+        x = data.center_view(data.to_float(images), sizes, input_size)
         with runtime.autocast():
             feats.append(backbone.forward_features(runtime.prepare(x)).float())
         if time.time() - t0 > 5:
@@ -600,7 +628,8 @@ def classify_top1(model, store: data.ImageStore, input_size: int, runtime: Runti
     correct = 0
     for start in range(0, len(store), 256):
         idx = torch.arange(start, min(start + 256, len(store)), device=runtime.device)
-        x = data.center_view(data.to_float(store.batch(idx, runtime.device)), input_size)
+        images, sizes = store.batch(idx, runtime.device)
+        x = data.center_view(data.to_float(images), sizes, input_size)
         with runtime.autocast():
             correct += (model(runtime.prepare(x)).argmax(1) == store.labels[idx]).sum().item()
     return 100.0 * correct / len(store)
@@ -652,7 +681,7 @@ def pretrain(args) -> dict:
     resumed = resume_checkpoint(args)
     backbone = Backbone(**resumed["backbone"]) if resumed else resolve_backbone(args)
     runtime = runtime_for(args)
-    train_store = load_train_store(args, backbone.input_size, runtime)
+    train_store = load_train_store(args, backbone.input_size, runtime, args.crop_scale[0])
     check_pretrain_args(args, len(train_store))
     if resumed:
         check_resume(args, resumed, train_store.paths)
@@ -697,8 +726,11 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
     model = torch.compile(method) if args.compile else method  # state_dict() from `method` only
     apply = torch.compile(augment.apply) if args.compile else augment.apply  # one fused graph
     generator = torch.Generator(runtime.device)
-    n, bs, size = len(train_store), args.batch_size, train_store.size
+    n, bs = len(train_store), args.batch_size
     steps = n // bs  # drop_last, as the official loaders
+    if n - steps * bs > 0.1 * n:
+        print(f"note: batches of {bs} leave {n - steps * bs} of {n} images out of every epoch "
+              "(drop_last, as the official loaders); a smaller --batch-size uses them")
     macs = models.macs(backbone.build(), backbone.input_size)
     start, interrupt, t0 = resume_point(resumed), runs.Interrupt(), time.time()
     print(f"pretraining {args.method} {backbone.arch} conv5={backbone.conv5} at "
@@ -715,9 +747,10 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
             lr = lr_at(lr_epoch, args.epochs, args.lr, args.warmup_epochs)
             set_lr(optimizer, lr)
             idx = order[step * bs:(step + 1) * bs]
-            images = data.to_float(train_store.batch(idx, runtime.device))
-            view1 = runtime.prepare(apply(images, augment.sample(bs, size, size, generator)))
-            view2 = runtime.prepare(apply(images, augment.sample(bs, size, size, generator)))
+            images, sizes = train_store.batch(idx, runtime.device)
+            images = data.to_float(images)
+            view1 = runtime.prepare(apply(images, augment.sample(sizes, generator)))
+            view2 = runtime.prepare(apply(images, augment.sample(sizes, generator)))
             with runtime.autocast():
                 loss = model(view1, view2)
             optimizer.zero_grad(set_to_none=True)
@@ -727,7 +760,8 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
             meter.add(step, loss, lr)
             if interrupt.requested:
                 stop_interrupted(args, state, backbone, meter, generator, stages,
-                                 start["wall_s"] + time.time() - t0)
+                                 start["wall_s"] + time.time() - t0,
+                                 train_files=files_digest(train_store.paths))
         record = meter.record()
         if knn_sets[0] is not None and (epoch + 1 == args.epochs or (
                 args.knn_every and (epoch + 1) % args.knn_every == 0)):
@@ -779,7 +813,8 @@ def resume_checkpoint(args):
 
 def check_resume(args, ckpt: dict, train_files) -> None:
     """A resumed run must be the checkpoint's run: the same training files and every setting that
-    defines it (all flags but NOT_DEFINING); a difference exits listing it, unless --force-resume."""
+    defines it (all flags but NOT_DEFINING); a difference exits listing it (--force-resume: goes
+    on)."""
     old = dict(ckpt["config"], train_files=ckpt.get("train_files"))
     new = dict(vars(args), train_files=files_digest(train_files))
     diffs = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in sorted(new)
@@ -923,8 +958,10 @@ def train_classifier(args, runtime, backbone: Backbone, net, model, params, trai
             lr = lr_at(epoch + step / steps, args.epochs, args.lr, steps=args.lr_steps)
             set_lr(state.optimizer, lr)
             idx = order[step * bs:(step + 1) * bs]
-            images = data.to_float(train_store.batch(idx, runtime.device))
-            x = runtime.prepare(data.finetune_train_view(images, backbone.input_size, generator))
+            images, sizes = train_store.batch(idx, runtime.device)
+            x = data.finetune_train_view(data.to_float(images), sizes, backbone.input_size,
+                                         generator)
+            x = runtime.prepare(x)
             y = train_store.labels[idx]
             with runtime.autocast():
                 if mixup:
@@ -939,7 +976,8 @@ def train_classifier(args, runtime, backbone: Backbone, net, model, params, trai
             meter.add(step, loss, lr)
             if interrupt.requested:
                 stop_interrupted(args, state, backbone, meter, generator, stages,
-                                 start["wall_s"] + time.time() - t0, best=best, test_top1=acc)
+                                 start["wall_s"] + time.time() - t0, best=best, test_top1=acc,
+                                 train_files=files_digest(train_store.paths))
         record = meter.record()
         if epoch + 1 == args.epochs or (epoch + 1) % args.eval_every == 0:
             acc = classify_top1(model, test_store, backbone.input_size, runtime)
@@ -1058,7 +1096,7 @@ def default_job(job=DEFAULT_JOB) -> None:
     summary = run_command(args)
     runtime = runtime_for(args)
     backbone = resolve_backbone(args)
-    bank = load_store(args, "train", args.input_size, runtime)
+    bank = load_store(args, "train", args.input_size, runtime, min_crop_scale=args.crop_scale[0])
     queries = load_store(args, "test", args.input_size, runtime)
     torch.manual_seed(args.seed)  # the very initialisation the pretraining started from
     before = knn_eval(runtime.place(backbone.build()), bank, queries, args.input_size, runtime,
