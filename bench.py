@@ -194,7 +194,7 @@ def run(args) -> list:
           f"{args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
     paths = jpeg_files(args)
     listing = data.Listing(paths, None, [], "bench")
-    augment = data.SSLAugment(args.input_size)
+    augment = data.SSLAugment(args.input_size, resample_dtype=runtime.resample_dtype)
     short_side = data.store_short_side(args.input_size, augment.scale[0])
     images, sizes, _ = data.load_split(listing, short_side, args.cache_dir, log=lambda *a: None)
     store = data.ImageStore(images, sizes).to(runtime.device,
@@ -210,14 +210,13 @@ def run(args) -> list:
     def our_views():
         start = cursor[0] % (n - bs + 1)
         cursor[0] += bs
-        x, sizes = store.batch(order[start:start + bs], dev)
-        x = data.to_float(x)
+        x, sizes = store.batch(order[start:start + bs], dev)  # uint8, as train.py
         return [runtime.prepare(apply(x, augment.sample(sizes, generator))) for _ in range(2)]
 
     rows = []
     if args.compile:  # the compiled augmentation must draw the same views as the eager one
         x, sizes = store.batch(order[:bs], dev)
-        x, params = data.to_float(x), augment.sample(sizes, generator)
+        params = augment.sample(sizes, generator)
         gap = (apply(x, params) - augment.apply(x, params)).abs().max().item()
         print(f"augmentation: max |view compiled - eager| on one batch = {gap:.2e}")
     rate = timed(our_views, args.warmup, args.steps, bs, dev)
