@@ -8,7 +8,11 @@ Nothing here is specific to S3L; train.py's loops use it so that they can read l
   records      RunLog (config.json, log.jsonl, summary.json: always valid JSON), EpochMeter (loss
                summed on the device, the progress line, non-finite losses caught), Interrupt
                (SIGINT/SIGTERM end the current step, then the loop saves and exits)
+  processes    torchrun_ranks, torchrun_scope (rank 0 prints; the group is left at the end),
+               local_rank_0_first, broadcast_buffers, mean_over_processes (the meter's read-backs,
+               so every process takes the same decision to stop)
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -16,10 +20,12 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 LOCK_NAME = ".lock"
 
@@ -175,10 +181,11 @@ def write_checkpoints(save_dir: str, state: dict, save_every: int) -> None:
 
 
 def random_states(generator: torch.Generator) -> dict:
-    """The RNG states an interrupted epoch continues from: the augmentation's and torch's own."""
+    """The RNG states an interrupted epoch continues from: the augmentation's and torch's own (of
+    the current CUDA device only: under torchrun every process has its own)."""
     states = dict(generator=generator.get_state(), torch=torch.get_rng_state())
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -186,7 +193,70 @@ def set_random_states(generator: torch.Generator, states: dict) -> None:
     generator.set_state(states["generator"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+# ----- several processes (torchrun) ---------------------------------------------------------------
+
+def torchrun_ranks():
+    """(rank, local rank, world size, local world size) set by torchrun, or None outside it."""
+    if not all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return None
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    return tuple(int(os.environ.get(key, 1)) for key in keys)
+
+
+def _joined() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def torchrun_scope():
+    """Around a whole command: under torchrun only rank 0 prints (the others' stdout goes to
+    /dev/null; errors still reach stderr), and the process group is left at the end, on errors
+    too. Outside torchrun: nothing."""
+    ranks = torchrun_ranks()
+    if ranks is None:
+        yield
+        return
+    quiet = ranks[0] != 0
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null if quiet else sys.stdout):
+        try:
+            yield
+        finally:
+            if _joined():
+                dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def local_rank_0_first():
+    """The block runs on each node's local rank 0 first (e.g. decoding into a cache), then on the
+    node's other processes (reading that cache); no process group: just the block."""
+    ranks = torchrun_ranks() if _joined() else None
+    local_rank = ranks[1] if ranks else None
+    if local_rank:
+        dist.barrier()
+    yield
+    if local_rank == 0:
+        dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers on every process. Under DDP each process updates its BN running statistics
+    with its own share (DDP broadcasts rank 0's at the next forward only); rank 0's are what its
+    checkpoints hold, so evaluation, split over the processes, must use them too."""
+    if _joined():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """x averaged over the processes of torch.distributed's default group; x itself without one."""
+    if not _joined():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)  # the sum
+    return x / dist.get_world_size()
 
 
 # ----- records ------------------------------------------------------------------------------------
@@ -215,11 +285,14 @@ def json_safe(x):
 class RunLog:
     """A run folder that describes itself: config.json (the resolved settings, torch version,
     device, commit), log.jsonl (one record per epoch) and summary.json. A resumed run drops the
-    records of the epochs it redoes. A loss far above the first epoch's is flagged."""
+    records of the epochs it redoes. A loss far above the first epoch's is flagged.
+    writes=False (every process but rank 0 under torchrun): the same calls, nothing written."""
 
-    def __init__(self, save_dir: str, config: dict, resume_epoch=None):
+    def __init__(self, save_dir: str, config: dict, resume_epoch=None, writes: bool = True):
+        self.save_dir, self.first_loss, self.log_file = save_dir, None, None
+        if not writes:
+            return
         os.makedirs(save_dir, exist_ok=True)
-        self.save_dir, self.first_loss = save_dir, None
         config = dict(config, torch=torch.__version__, git_commit=git_commit())
         with open(os.path.join(save_dir, "config.json"), "w") as f:
             json.dump(json_safe(config), f, indent=2, allow_nan=False)
@@ -233,6 +306,8 @@ class RunLog:
         print("config: " + json.dumps({k: v for k, v in config.items() if v is not None}))
 
     def record(self, record: dict) -> None:
+        if self.log_file is None:
+            return
         loss = record.get("loss")
         if loss is not None and self.first_loss is None:
             self.first_loss = loss
@@ -245,6 +320,8 @@ class RunLog:
                                for k, v in record.items()) + " " * 10)
 
     def summary(self, summary: dict) -> None:
+        if self.log_file is None:
+            return
         with open(os.path.join(self.save_dir, "summary.json"), "w") as f:
             json.dump(json_safe(summary), f, indent=2, allow_nan=False)
         self.log_file.close()
@@ -272,15 +349,23 @@ class EpochMeter:
         self.finite_seen, self.recent, self.t0 = sums[1], [], time.time()
         self.step_done = first_step  # steps of this epoch finished so far
 
-    def add(self, step: int, loss: torch.Tensor, lr: float) -> None:
+    def add(self, step: int, loss: torch.Tensor, lr: float, stop: bool = False) -> bool:
+        """Count the step's loss; returns whether to stop now for an interrupt (`stop`: this
+        process was asked). One process: at once. Under torchrun: at the read-back, when any
+        process was asked, so that all of them stop after the same step (a process that stopped
+        alone would leave the others waiting in their next collective)."""
         loss, self.lr = loss.detach().float(), lr
         ok = torch.isfinite(loss)
         self.loss_sum += torch.where(ok, loss, 0.0)
         self.finite += ok
         self.step_done = step + 1
+        several = _joined()
         if (step + 1) % self.print_freq and step + 1 != self.steps:
-            return
-        loss_sum, finite, last = torch.stack([self.loss_sum, self.finite, loss]).tolist()  # 1 sync
+            return stop and not several
+        # one sync; under torchrun the means over the processes, so every process reads the same
+        # values and takes the same decisions (the non-finite check below, the interrupt)
+        values = torch.stack([self.loss_sum, self.finite, loss, loss.new_tensor(float(stop))])
+        loss_sum, finite, last, asked = mean_over_processes(values).tolist()
         self.check(step, last, finite)
         done = min((step + 1 - self.first_step) * self.batch_size, self.images)
         rate = done / (time.time() - self.t0)
@@ -288,6 +373,7 @@ class EpochMeter:
         print(f"\repoch {self.epoch + 1}/{self.epochs} step {step + 1}/{self.steps} loss "
               f"{loss_sum / max(finite, 1):.4f} lr {self.lr:.4g} {rate:.0f} img/s eta "
               f"{left / rate / 60:.1f} min   ", end="", flush=True)
+        return asked > 0
 
     def check(self, step: int, last_loss: float, finite: float) -> None:
         """Stop when no loss since the last read-back was finite."""
@@ -301,8 +387,10 @@ class EpochMeter:
         self.finite_seen = finite
 
     def sums(self) -> tuple:
-        """(loss sum, finite count) so far, to store with an interrupted epoch's checkpoint."""
-        return tuple(torch.stack([self.loss_sum, self.finite]).tolist())
+        """(loss sum, finite count) so far, to store with an interrupted epoch's checkpoint; under
+        torchrun their means over the processes (a collective: every process calls it), which
+        any number of processes resumes from."""
+        return tuple(mean_over_processes(torch.stack([self.loss_sum, self.finite])).tolist())
 
     def record(self) -> dict:
         """The epoch's log record: mean finite loss, last lr, seconds, images/s."""
@@ -324,15 +412,18 @@ def check_finite_weights(module: torch.nn.Module, epoch: int) -> None:
 
 class Interrupt:
     """SIGINT (Ctrl-C) and SIGTERM set `requested` instead of killing the process, so the training
-    loop can finish its step, write a checkpoint and exit. A second Ctrl-C stops at once."""
+    loop can finish its step, write a checkpoint and exit. A second Ctrl-C stops at once, unless
+    repeat_stops=False: torchrun passes a Ctrl-C on to its processes, which got it already."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, repeat_stops: bool = True):
+        self.requested, self.repeat_stops = False, repeat_stops
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
-        if self.requested:
+        if self.requested and self.repeat_stops:
             raise KeyboardInterrupt
+        if self.requested:
+            return
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint")
 

@@ -163,9 +163,10 @@ def mlp(dims, batchnorm: bool = False) -> nn.Sequential:
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm with training statistics per chunk of the batch (per-GPU BN of the official code).
 
-    Emulates the official code's 4 GPUs x 32 images on one device: x: (N, C, ...), N divisible by
-    num_splits, and contiguous chunk s of the batch is what GPU s would hold (group_views lays out
-    two views that way; BYOL gives each view its own chunks). The running statistics are chunk 0's,
+    Emulates the official code's 4 GPUs x 32 images on one device: x: (N, C, ...), and contiguous
+    chunk s of the batch is what GPU s would hold (group_views lays out two views that way; BYOL
+    gives each view its own chunks). A batch that does not divide (fine-tuning's last one) is split
+    as evenly as possible, never into chunks of one image. The running statistics are chunk 0's,
     as DDP broadcasts rank 0's buffers. Eval mode is plain BatchNorm; state_dict keys are BN's.
     """
 
@@ -178,17 +179,17 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"SplitBatchNorm expects (N, C, ...), got shape {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.num_splits
-        if not self.training or g == 1:
+        g = min(self.num_splits, x.shape[0] // 2)  # BN needs two images a chunk in training
+        if not self.training or g <= 1:
             return super().forward(x)
-        assert x.shape[0] % g == 0, f"batch of {x.shape[0]} does not split into {g} BN groups"
         self.num_batches_tracked.add_(1)
         momentum = 1 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
         # one native batch_norm per chunk: fused and channels_last-aware, 2-3x faster forward +
         # backward on CPU than the same statistics written with var_mean (measured)
         stats = [(self.running_mean, self.running_var)] + [(None, None)] * (g - 1)
         return torch.cat([F.batch_norm(chunk, mean, var, self.weight, self.bias, True, momentum,
-                                       self.eps) for chunk, (mean, var) in zip(x.chunk(g), stats)])
+                                       self.eps) for chunk, (mean, var) in zip(x.tensor_split(g),
+                                                                               stats)])
 
 
 def group_views(view1: torch.Tensor, view2: torch.Tensor, groups: int) -> torch.Tensor:

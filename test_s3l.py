@@ -4,11 +4,13 @@ out naively here. The torch.distributed specifications spawn 2 CPU processes (gl
 
 Run: python -m pytest -q test_s3l.py
 """
+import ast
 import copy
 import datetime
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -171,6 +173,15 @@ def test_split_batchnorm_equals_batchnorm_per_chunk_and_keeps_chunk_0s_running_s
     assert torch.allclose(split.running_var, 0.9 + 0.1 * x[:4].var(dim=(0, 2, 3)), atol=1e-5)
     eval_ref = F.batch_norm(x, split.running_mean, split.running_var)
     assert torch.allclose(split.eval()(x), eval_ref, atol=1e-6)
+
+
+def test_split_batchnorm_splits_an_uneven_batch_as_evenly_as_possible():
+    """Fine-tuning's last batch (13 images, 4 groups) is normalised in chunks of 4, 3, 3, 3, as
+    torch.tensor_split (DataParallel's scatter of an uneven batch); 3 images make one group."""
+    x, bn = randn(13, 3, 2, 2), s3l.SplitBatchNorm(3, 4).train()
+    expected = torch.cat([F.batch_norm(c, None, None, training=True) for c in x.tensor_split(4)])
+    assert torch.allclose(bn(x), expected, atol=1e-5)
+    assert torch.allclose(bn(x[:3]), F.batch_norm(x[:3], None, None, training=True), atol=1e-5)
 
 
 def test_group_views_puts_both_views_of_a_chunk_in_one_bn_group_and_ungroup_inverts_it():
@@ -450,7 +461,7 @@ def test_finetune_and_center_views_equal_pil_resize_then_crop():
     for s in (24, 40, 56):
         resize = round(s * 8 / 7)
         g = gen(s)
-        train_views = data.finetune_train_view(x, sizes, s, g)
+        train_views = data.finetune_train_view(x, data.finetune_train_params(sizes, s, g), s)
         g = gen(s)  # the same draws: crop_boxes, then the flips
         boxes, flip = data.crop_boxes(sizes, s, g), torch.rand(2, generator=g) < 0.5
         center = data.center_view(x, sizes, s)
@@ -1040,6 +1051,156 @@ def test_a_batch_that_drops_over_a_tenth_of_the_split_says_so(tmp_path, capsys):
     assert "leave 6 of 14 images out of every epoch" in capsys.readouterr().out
 
 
+# ----- train.py under torchrun: 2 processes on CPU (gloo) -----------------------------------------
+
+# S3L's small architecture: BN over 4 images of layer4's 2 x 2 px amplifies float rounding (one
+# process on 2 threads vs 1 differs by 4e-4 after 8 steps); without it 2 processes match 1 to 2e-6
+TORCHRUN_ARGS = ("--method", "moco", "--small-stem", "--no-conv5", "--lr", "0.01", "--knn-every",
+                 "1")
+
+# run by torchrun: train.py, with a digest of every process's state after every epoch written next
+# to this script (check_finite_weights runs on every process at the end of every epoch)
+DIGESTING_TRAIN = """import os, sys
+import runs, train
+check = runs.check_finite_weights
+def check_and_digest(module, epoch):
+    check(module, epoch)
+    name = f"rank{os.environ['RANK']}-epoch{epoch}"
+    open(os.path.join(os.path.dirname(__file__), name), "w").write(
+        runs.state_digest(module.state_dict()))
+runs.check_finite_weights = check_and_digest
+train.main(sys.argv[1:])
+"""
+
+
+def torchrun(argv, script=None, **popen):
+    """`torchrun --standalone --nproc_per_node 2 train.py ARGV` (or `script`) as a child process,
+    one thread a process."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=here, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", script or os.path.join(here, "train.py"), *argv]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            **popen)
+
+
+def finished(child, timeout=240):
+    """(exit status, what it printed since) of a child, once it ends."""
+    out = child.communicate(timeout=timeout)[0].decode()
+    return child.returncode, out
+
+
+def main_in_one_thread(argv):
+    """train.main in this process with one thread, as each torchrun process runs: the same sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def relative_difference(path_a, path_b, key="model"):
+    """|a - b| / |a| over every float tensor of two checkpoints' `key`, as one vector."""
+    a, b = (torch.load(p, weights_only=True)[key] for p in (path_a, path_b))
+    assert a.keys() == b.keys()
+    floats = [k for k in a if a[k].is_floating_point()]
+    va, vb = (torch.cat([s[k].double().flatten() for k in floats]) for s in (a, b))
+    return float((va - vb).norm() / va.norm())
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """MoCo pretrained for 2 epochs of 4 steps by 1 process (bn-batch 4: 2 BN groups) and by 2
+    torchrun processes (one group each, their own cache: decoded once)."""
+    tmp = tmp_path_factory.mktemp("torchrun")
+    root = make_folder(tmp / "data", classes=2, per_class=16)
+    make_folder(tmp / "data", classes=2, per_class=4, split="val")
+    main_in_one_thread(pretrain_argv(root, tmp / "one", *TORCHRUN_ARGS))
+    (tmp / "digests").mkdir()
+    (tmp / "digests" / "digesting_train.py").write_text(DIGESTING_TRAIN)
+    argv = pretrain_argv(root, tmp / "two", *TORCHRUN_ARGS, "--cache-dir", str(tmp / "own-cache"))
+    status, out = finished(torchrun(argv, script=str(tmp / "digests" / "digesting_train.py")))
+    assert status == 0, out[-3000:]
+    return tmp, root, out
+
+
+def test_two_processes_train_the_same_weights_as_one_with_the_same_bn_groups(two_processes):
+    """--batch-size is global and each process draws the whole batch's views, keeping its share:
+    2 processes x 4 images == 1 process x 8 images in BN groups of 4 (MoCo: keys gathered, shuffle
+    over both processes), to float rounding; the same losses and kNN top-1 (computed on half the
+    images by each process) every epoch."""
+    tmp, _, _ = two_processes
+    one, two = tmp / "one" / "checkpoint.pt", tmp / "two" / "checkpoint.pt"
+    assert relative_difference(one, two) < 1e-4  # measured 2e-6
+    logs = [[json.loads(line) for line in open(tmp / run / "log.jsonl")] for run in ("one", "two")]
+    assert [r["epoch"] for r in logs[1]] == [1, 2]
+    for a, b in zip(*logs):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["knn_top1"] == a["knn_top1"]
+
+
+def test_every_process_holds_bit_identical_weights_after_every_epoch(two_processes):
+    """DDP keeps the online weights equal, so the momentum encoder (their EMA) and the queue (every
+    process's keys) are equal too; BN statistics are rank 0's after each epoch."""
+    digests = two_processes[0] / "digests"
+    for epoch in (1, 2):
+        assert (digests / f"rank0-epoch{epoch}").read_text() == \
+            (digests / f"rank1-epoch{epoch}").read_text()
+
+
+def test_only_rank_0_prints_and_writes_and_a_split_is_decoded_once_per_node(two_processes):
+    """One config.json, log.jsonl (each epoch once), summary.json and checkpoint in --save-dir, and
+    one progress line an epoch; rank 1 read the cache that rank 0 decoded."""
+    tmp, _, out = two_processes
+    assert sorted(os.listdir(tmp / "two")) == ["checkpoint.pt", "config.json", "log.jsonl",
+                                               "summary.json"]
+    assert json.load(open(tmp / "two" / "config.json"))["world_size"] == 2
+    assert json.load(open(tmp / "two" / "summary.json"))["knn_top1"] is not None
+    assert out.count("epoch 2/2 step 4/4") == 1 and out.count("config: ") == 1
+    assert out.count("decoding data-train") == 1 and out.count("decoding data-val") == 1
+
+
+def test_ctrl_c_saves_a_checkpoint_that_two_processes_or_one_resume_exactly(two_processes):
+    """Ctrl-C reaches the launcher and both processes: they stop after the same step (decided on an
+    all-reduced flag), rank 0 saves the interrupted epoch; --resume with 2 processes reaches the
+    uninterrupted 2-process run's weights exactly, with 1 (the random states are every process's)
+    the 1-process run's to float rounding."""
+    tmp, root, _ = two_processes
+    argv = pretrain_argv(root, tmp / "killed", *TORCHRUN_ARGS)
+    child, seen = torchrun(argv, start_new_session=True), b""
+    while b"step 2/4" not in seen:  # progress lines end in \r: read what is there
+        chunk = os.read(child.stdout.fileno(), 4096)
+        assert chunk, seen.decode()[-3000:]
+        seen += chunk
+    os.killpg(child.pid, signal.SIGINT)  # the terminal's Ctrl-C
+    status, out = finished(child)
+    saved = torch.load(tmp / "killed" / "checkpoint.pt", weights_only=True)
+    assert status != 0 and "step" in saved and saved["world_size"] == 2, out[-3000:]
+    (tmp / "interrupted.pt").write_bytes((tmp / "killed" / "checkpoint.pt").read_bytes())
+    status, out = finished(torchrun(argv + ["--resume", str(tmp / "interrupted.pt")]))
+    assert status == 0, out[-3000:]
+    main_in_one_thread(pretrain_argv(root, tmp / "killed-one", *TORCHRUN_ARGS, "--resume",
+                                     str(tmp / "interrupted.pt")))
+    assert same_weights(tmp / "killed" / "checkpoint.pt", tmp / "two" / "checkpoint.pt")
+    one_process = tmp / "killed-one" / "checkpoint.pt"
+    assert relative_difference(one_process, tmp / "one" / "checkpoint.pt") < 1e-4
+    assert [json.loads(line)["epoch"] for line in open(tmp / "killed" / "log.jsonl")] == [1, 2]
+
+
+def test_the_linear_probe_under_torchrun_equals_one_process(two_processes):
+    """The official probe (random crops through the frozen backbone, BN in eval mode): 2 processes
+    x 4 images train the fc of 1 x 8, and the test top-1, half the split on each, is the same."""
+    tmp, root, _ = two_processes
+    extra = ["--pretrained", str(tmp / "one" / "checkpoint.pt")]
+    main_in_one_thread(stage_argv("linear", root, tmp, "linear-one", *extra))
+    status, out = finished(torchrun(stage_argv("linear", root, tmp, "linear-two", *extra)))
+    assert status == 0, out[-3000:]
+    assert relative_difference(tmp / "linear-one" / "checkpoint.pt",
+                               tmp / "linear-two" / "checkpoint.pt") < 1e-5
+    one, two = (json.load(open(tmp / run / "summary.json")) for run in ("linear-one", "linear-two"))
+    assert one["test_top1_final"] == two["test_top1_final"]
+
+
 # ----- the S3L recipe: fine-tuning, warm-up, linear probe, subsets, export ------------------------
 
 def test_mixup_mixes_images_and_losses_with_the_same_lambda_and_permutation():
@@ -1184,7 +1345,7 @@ def test_finetune_reports_final_and_best_epoch_and_writes_the_subset_list(pretra
     tmp, root = pretrained_run
     train.main(stage_argv("finetune", root, tmp, "ft", "--pretrained",
                           str(tmp / "full" / "checkpoint.pt"), "--epochs", "2", "--subset",
-                          "per-class=4"))
+                          "per-class=4", "--bn-batch", "4"))
     summary = json.load(open(tmp / "ft" / "summary.json"))
     assert summary["test_top1_final"] is not None and summary["best_epoch"] in (1, 2)
     assert len(open(tmp / "ft" / "subset.txt").read().split()) == 8
@@ -1232,3 +1393,83 @@ def test_bench_prints_every_row_with_positive_finite_rates(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert all(f"{m:<10}{p:<16}" in printed for m, p in expected)
     assert "Self CPU" in printed  # the --profile table of the full step
+
+
+# ----- README.md: its links resolve, and its pieces run copied alone ------------------------------
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def readme_section(title):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    return text.split(f"\n## {title}\n")[1].split("\n## ")[0]
+
+
+def github_anchor(heading):
+    return "".join(c for c in heading.lower() if c.isalnum() or c in " -_").replace(" ", "-")
+
+
+def test_every_relative_link_of_the_readme_resolves():
+    """[text](file) and [text](file#section) / (#section) point at files and headings that exist."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    links = [link for link in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in link]
+    assert links, "the README has relative links"
+    for link in links:
+        path, _, anchor = link.partition("#")
+        target = os.path.join(ROOT, path) if path else os.path.join(ROOT, "README.md")
+        assert os.path.isfile(target), link
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", open(target).read(), flags=re.M)
+            assert anchor in {github_anchor(h) for h in headings}, link
+
+
+def copied_definitions(file, cell):
+    """The top-level definitions of `file` that a README cell names: `a`, `b`, ... or the block
+    from `a` to `b`."""
+    src = open(os.path.join(ROOT, file)).read()
+    names = re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", cell)
+    nodes = [n for n in ast.parse(src).body if isinstance(n, (ast.FunctionDef, ast.ClassDef,
+                                                               ast.Assign))]
+    def name(n):
+        return n.targets[0].id if isinstance(n, ast.Assign) else n.name
+    order = [name(n) for n in nodes]
+    if " to " in cell:
+        names = order[order.index(names[0]):order.index(names[1]) + 1]
+    lines = src.splitlines()
+    blocks = []
+    for n in nodes:
+        if name(n) in names:
+            first = n.decorator_list[0].lineno if getattr(n, "decorator_list", None) else n.lineno
+            blocks.append("\n".join(lines[first - 1:n.end_lineno]))
+    assert len(blocks) == len(names), (file, cell)
+    return blocks
+
+
+def test_the_pieces_the_readme_names_run_copied_into_a_module_alone(tmp_path):
+    """'Using a piece': the definitions each row names, copied with the imports the README lists
+    into one module, import and run in a Python that cannot see this project."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in
+            readme_section("Using a piece in your own project").splitlines()
+            if line.startswith("| ") and ".py`" in line]
+    code = ["import copy, math", "from dataclasses import dataclass", "import torch",
+            "import torch.nn as nn", "import torch.nn.functional as F",
+            "import torch.distributed as dist"]
+    for piece, file, cell in rows:
+        code += copied_definitions(file.strip("`"), cell)
+    (tmp_path / "pieces.py").write_text("\n\n\n".join(code) + "\n")
+    script = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import torch, pieces as p\n"
+              "g = torch.Generator().manual_seed(0)\n"
+              "assert p.nt_xent(torch.randn(4, 8), torch.randn(4, 8), 0.1).item() > 0\n"
+              "assert p.resnet18(conv5=False)(torch.randn(2, 3, 32, 32)).shape == (2, 256)\n"
+              "x = torch.randint(0, 256, (4, 3, 24, 32), dtype=torch.uint8)\n"
+              "x = torch.nn.functional.pad(x, (0, 0, 0, 8))\n"
+              "sizes = torch.tensor([[24, 32]] * 4)\n"
+              "views = [p.SSLAugment(16)(x, sizes, g) for _ in range(2)]\n"
+              "assert views[0].shape == (4, 3, 16, 16)\n"
+              "moco = p.MoCo(p.resnet18(), moco_k=8, bn_splits=2)\n"
+              "moco(*views).backward()\n"
+              "print('pieces ok', sorted(set(sys.modules) & {'s3l', 'data', 'models'}))")
+    out = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "pieces ok []" in out.stdout, out.stderr[-2000:]
+    assert len(rows) == 4

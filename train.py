@@ -6,11 +6,12 @@
   python train.py finetune ...         the whole network with mixup, 224 px by default
   python train.py linear | knn ...     evaluations of frozen features
   python train.py export CKPT OUT.pt   the backbone as a plain state_dict with torchvision names
+  torchrun --nproc_per_node N train.py pretrain ...   any training command on N GPUs (DDP)
 
 README.md's "Paper map" says which paper section and official script each stage reproduces.
-Reading order: defaults, parser, device, backbone, data, checkpoints and logs, evaluation,
-pretraining, supervised stages, the default job, main. Losses and methods live in s3l.py, ResNets
-in models.py, readers and augmentation in data.py.
+Reading order: defaults, parser, device, several processes (torchrun, DDP), backbone, data,
+checkpoints and logs, evaluation, pretraining, supervised stages, the default job, main. Losses
+and methods live in s3l.py, ResNets in models.py, readers and augmentation in data.py.
 """
 import argparse
 import hashlib
@@ -21,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
@@ -54,6 +56,8 @@ STAGE_DEFAULTS = {
     "linear": dict(epochs=30, batch_size=64, lr=10.0, weight_decay=5e-4, lr_steps=[10, 20],
                    input_size=224),
 }
+
+FINETUNE_BN_BATCH = 16  # the official fine-tuning: batch 64 by DataParallel on 4 GPUs
 
 # The default job (`python train.py`): S3L's three parts at CPU scale (32 px, ResNet-18, 2,000
 # images), measured at ~3 minutes on 2 cores. SimCLR learns fastest in a few hundred steps (MoCo's
@@ -115,12 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simclr-t", type=POSITIVE, help="SimCLR NT-Xent temperature")
     p.add_argument("--simclr-base-t", type=POSITIVE, help="SimCLR loss x t / base-t, as the "
                    "official SupCon-based code; equal to --simclr-t: the plain NT-Xent")
+    p.add_argument("--simclr-local-negatives", action="store_true", help="under torchrun, each "
+                   "process's own 2n - 2 negatives (the official per-GPU ones), not the whole "
+                   "batch's gathered from every process")
     p.add_argument("--byol-tau", type=number(float, 0, 1), help="BYOL target EMA, constant")
     p.add_argument("--byol-hidden-dim", type=number(int, 1), help="BYOL projector/predictor "
                    "hidden width")
     p.add_argument("--bn-batch", type=number(int, 0), help="images per BatchNorm group, emulating "
-                   "the official per-GPU BN (default: the method's group, at most the batch); 0: "
-                   "the whole batch")
+                   "the official per-GPU BN (default: the method's group, at most the batch of a "
+                   "process); 0: the whole batch of a process")
+    add_sync_bn_arg(p)
     p.add_argument("--crop-scale", type=number(float, 0, 1, open_low=True), nargs=2,
                    default=[0.2, 1.0], help="RandomResizedCrop area range (MoCo v2 aug-plus)")
     p.add_argument("--solarize-p", type=number(float, 0, 1), default=0.0,
@@ -161,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "lambda per batch (default: on with --pretrained; the official "
                            "from-scratch baseline trains without it)")
             p.add_argument("--mixup-alpha", type=POSITIVE, default=1.0, help="lambda ~ Beta(a, a)")
+            p.add_argument("--bn-batch", type=number(int, 0), help="images per BatchNorm group, "
+                           f"emulating the official 4 GPUs (default: {FINETUNE_BN_BATCH}, at most "
+                           "a process's batch); 0: the whole batch of a process")
+            add_sync_bn_arg(p)
         if name == "warmup-conv5":
             p.add_argument("--frozen-bn-eval", action="store_true", help="keep the BN layers of "
                            "the frozen conv1-4 in eval mode (the official code updates their "
@@ -225,9 +237,15 @@ def add_model_args(p, input_size, command):
                    "the checkpoint's)")
 
 
+def add_sync_bn_arg(p):
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm "
+                   "statistics over the whole batch of every process (SyncBatchNorm), not per "
+                   "process")
+
+
 def add_optim_args(p):
     p.add_argument("--epochs", type=number(int, 1), help="passes over the training split")
-    p.add_argument("--batch-size", type=number(int, 2), help="images per step")
+    p.add_argument("--batch-size", type=number(int, 2), help="images per step, over all processes")
     p.add_argument("--lr", type=number(float, 0), help="base learning rate, SGD")
     p.add_argument("--weight-decay", "--wd", type=number(float, 0), help="on every parameter, BN "
                    "included")
@@ -272,13 +290,15 @@ def add_run_args(p):
 def parse_args(argv) -> argparse.Namespace:
     """Parse argv and resolve, once, every default that depends on other flags: a pretraining flag
     left unset takes its method's value (METHOD_DEFAULTS); SimCLR warms up only above a batch of
-    WARMUP_MIN_BATCH; a BN group never exceeds the batch; fine-tuning uses mixup only from a
-    pretrained checkpoint. Nothing changes the returned settings afterwards."""
+    WARMUP_MIN_BATCH; a BN group never exceeds the batch of a process (--sync-bn: one group);
+    fine-tuning uses mixup only from a pretrained checkpoint. Nothing changes the returned settings
+    afterwards."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "crop_scale", [0, 0])[0] > getattr(args, "crop_scale", [0, 0])[1]:
         parser.error(f"--crop-scale {args.crop_scale[0]} {args.crop_scale[1]}: the smaller area "
                      "fraction comes first")
+    check_process_flags(parser, args)
     settings = dict(vars(args))
     if args.command == "pretrain":
         paper = METHOD_DEFAULTS[args.method]
@@ -286,7 +306,15 @@ def parse_args(argv) -> argparse.Namespace:
         if args.warmup_epochs is None and settings["batch_size"] <= WARMUP_MIN_BATCH:
             settings["warmup_epochs"] = 0
         if args.bn_batch is None:
-            settings["bn_batch"] = min(paper["bn_batch"], settings["batch_size"])
+            per_process = settings["batch_size"] // world_size()
+            settings["bn_batch"] = 0 if args.sync_bn else min(paper["bn_batch"], per_process)
+    if args.command in ("finetune", "warmup-conv5") and args.bn_batch is None:
+        per_process = settings["batch_size"] // world_size()
+        settings["bn_batch"] = 0 if args.sync_bn else min(FINETUNE_BN_BATCH, per_process)
+    if settings.get("batch_size") and settings["batch_size"] % world_size():
+        parser.error(f"--batch-size {settings['batch_size']} (the batch of all processes) does not "
+                     f"divide among the {world_size()} processes: pass a multiple of "
+                     f"{world_size()}")
     if args.command == "finetune" and args.mixup is None:
         settings["mixup"] = args.pretrained is not None
     return argparse.Namespace(**settings)
@@ -301,6 +329,16 @@ class Runtime:
     channels_last: bool
     reason: str
     resample_dtype: torch.dtype = torch.float32  # the views' crop + resize (data.crop_resize)
+    distributed: bool = False  # launched by torchrun: a process group, DDP (the section below)
+    rank: int = 0
+    local_rank: int = 0  # the process's index on its node, and its GPU
+    world_size: int = 1
+    local_world_size: int = 1  # processes on this node
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that prints and writes the run folder."""
+        return self.rank == 0
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -310,9 +348,33 @@ class Runtime:
         """A batch as the model wants it: NHWC when channels_last."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def place(self, module: torch.nn.Module) -> torch.nn.Module:
+    def place(self, module: torch.nn.Module, sync_bn: bool = False) -> torch.nn.Module:
+        """The module on the device; sync_bn: its BatchNorms as SyncBatchNorm (torchrun only)."""
+        if sync_bn:
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
         fmt = torch.channels_last if self.channels_last else torch.preserve_format
         return module.to(self.device, memory_format=fmt)
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """What the training step calls: under torchrun, DDP around `module` (gradients averaged
+        over the processes in backward; its state broadcast from rank 0 here); else `module`.
+        Keep `module` itself for state_dict() (no `module.` prefixes) and for evaluation."""
+        if not self.distributed:
+            return module
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+    def share(self, batch):
+        """This process's rows of a global batch: a tensor (B, ...), or a dict or tuple of them,
+        cut into world_size contiguous slices as evenly as possible; the batch itself in one
+        process. The slices of all ranks, in rank order, are the batch."""
+        if self.world_size == 1:
+            return batch
+        if isinstance(batch, dict):
+            return {key: self.share(value) for key, value in batch.items()}
+        if isinstance(batch, tuple):
+            return tuple(self.share(value) for value in batch)
+        return batch.tensor_split(self.world_size)[self.rank]
 
     def sgd(self, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
         """SGD with weight decay on every parameter, BN and biases included (as the official code),
@@ -331,13 +393,22 @@ def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = 
 
     CUDA: bf16 only from compute capability 8.0 (Ampere): torch.cuda.is_bf16_supported() is also
     true on older GPUs, where bf16 is emulated and convolutions are very slow; fp16 there.
+    Under torchrun: GPU LOCAL_RANK, and the process group joined (NCCL on GPUs, else Gloo).
     """
+    ranks = runs.torchrun_ranks()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if ranks and device.type == "cuda":  # one GPU per process
+        if device.index not in (None, ranks[1]):
+            raise SystemExit(f"--device {device}: under torchrun each process takes the GPU of "
+                             "its LOCAL_RANK; pass --device cuda or auto")
+        device = torch.device("cuda", ranks[1])
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda was asked for, but torch sees no CUDA GPU: use cpu")
+        if device.index is not None:
+            torch.cuda.set_device(device)  # the current device: NCCL's, and its RNG's in runs
         cap = torch.cuda.get_device_capability(device)
         torch.backends.cudnn.benchmark = True  # the same shapes every step: pick the fastest conv
         tf32 = tf32 and cap >= (8, 0)
@@ -358,12 +429,48 @@ def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = 
     resample = torch.bfloat16 if fast_bf16 else torch.float32
     reason = f"{amp if dtype else 'fp32'}: {name}" + (", channels_last" if channels_last else "") \
         + (", bf16 crops" if fast_bf16 else "")
+    if ranks is None:
+        print(f"device: {reason}")
+        return Runtime(device, dtype, channels_last, reason, resample)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():  # the default job sets up a second runtime in the same group
+        dist.init_process_group(backend)
+    reason += f", {ranks[2]} processes ({backend})"
     print(f"device: {reason}")
-    return Runtime(device, dtype, channels_last, reason, resample)
+    return Runtime(device, dtype, channels_last, reason, resample, True, *ranks)
 
 
 def runtime_for(args) -> Runtime:
-    return setup_device(args.device, args.amp, args.channels_last, args.tf32)
+    runtime = setup_device(args.device, args.amp, args.channels_last, args.tf32)
+    if getattr(args, "sync_bn", False) and runtime.device.type != "cuda":
+        raise SystemExit("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm has no CPU kernel")
+    return runtime
+
+
+# ----- several processes: torchrun and DDP --------------------------------------------------------
+# `torchrun --nproc_per_node N train.py ...` runs this file in N processes, RANK, LOCAL_RANK and
+# WORLD_SIZE set. --batch-size stays the global batch: every step, each process trains on its
+# share of the same seeded batch (Runtime.share) under DDP (Runtime.wrap). Each process draws the
+# random views of the whole batch and keeps its share's, so the data order, the views and every
+# RNG state are the same for any number of processes, and so are the --bn-batch groups (the same
+# contiguous chunks of the batch). Rank 0 prints and writes the run folder. Decisions to stop are
+# taken on values all processes share (runs.EpochMeter), so no process waits alone in a collective.
+
+def world_size() -> int:
+    """The processes of this run: WORLD_SIZE under torchrun, else 1."""
+    return (runs.torchrun_ranks() or (0, 0, 1, 1))[2]
+
+
+def check_process_flags(parser, args) -> None:
+    """The flags about several processes, checked before any work."""
+    sync_bn = getattr(args, "sync_bn", False)
+    if (sync_bn or getattr(args, "simclr_local_negatives", False)) and world_size() == 1:
+        flag = "--sync-bn" if sync_bn else "--simclr-local-negatives"
+        parser.error(f"{flag} is for several processes (torchrun); one process has BN groups of "
+                     "--bn-batch images (0: the whole batch) and the whole batch as negatives")
+    if sync_bn and (getattr(args, "bn_batch", None) or getattr(args, "method", None) == "byol"):
+        parser.error("--sync-bn makes one BN group of the whole batch: drop --bn-batch (BYOL, "
+                     "whose BN is per view: use --bn-batch instead of --sync-bn)")
 
 
 # ----- the backbone: resolved once from the flags and the checkpoint ------------------------------
@@ -402,16 +509,19 @@ def resolve_backbone(args, state=None, input_size=None) -> Backbone:
     return Backbone(arch, conv5 if args.conv5 is None else args.conv5, small_stem, size)
 
 
-def build_method(name: str, encoder, settings: dict) -> torch.nn.Module:
+def build_method(name: str, encoder, settings: dict, processes: int = 1) -> torch.nn.Module:
     """The SSL method `name` around `encoder`; settings: the pretraining flags by name (moco_k,
-    simclr_t, byol_tau, ..., batch_size, bn_batch, dim), e.g. vars(args) or METHOD_DEFAULTS."""
-    bn_splits = settings["batch_size"] // settings["bn_batch"] if settings["bn_batch"] else 1
+    simclr_t, byol_tau, ..., batch_size, bn_batch, dim), e.g. vars(args) or METHOD_DEFAULTS.
+    processes: how many share the batch (torchrun): each splits its share into BN groups."""
+    per_process = settings["batch_size"] // processes
+    bn_splits = per_process // settings["bn_batch"] if settings["bn_batch"] else 1
     if name == "moco":
         return s3l.MoCo(encoder, dim=settings["dim"], moco_k=settings["moco_k"],
                         moco_m=settings["moco_m"], moco_t=settings["moco_t"], bn_splits=bn_splits)
     if name == "simclr":
         return s3l.SimCLR(encoder, dim=settings["dim"], temperature=settings["simclr_t"],
-                          base_temperature=settings["simclr_base_t"], bn_splits=bn_splits)
+                          base_temperature=settings["simclr_base_t"], bn_splits=bn_splits,
+                          gather_negatives=not settings.get("simclr_local_negatives"))
     return s3l.BYOL(encoder, dim=settings["dim"], hidden_dim=settings["byol_hidden_dim"],
                     tau=settings["byol_tau"], bn_splits=bn_splits)
 
@@ -452,11 +562,12 @@ def load_pretrained(model, state: dict, path: str, keep_conv5: bool) -> None:
 
 # ----- data ---------------------------------------------------------------------------------------
 
-def store_bytes_limit(device: torch.device) -> int:
-    """How much of the device a decoded split may take before it stays memory-mapped on disk."""
+def store_bytes_limit(device: torch.device, processes: int = 1) -> int:
+    """How much of the device a decoded split may take before it stays memory-mapped on disk;
+    processes: how many on this node share the host's memory, each with its own copy."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 3
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 3
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (3 * processes)
 
 
 def load_store(args, split: str, input_size: int, runtime: Runtime, root=None,
@@ -469,23 +580,25 @@ def load_store(args, split: str, input_size: int, runtime: Runtime, root=None,
         n, seed = (BUILTIN_TRAIN, 0) if split == "train" else (BUILTIN_TEST, 1)
         return data.synthetic_store(n, size, seed).to(runtime.device, 1 << 62)
     listing = data.list_split(root, split)
-    images, sizes, kept = data.load_split(listing, size, args.cache_dir, args.workers,
-                                          max_bytes=int(args.cache_max_gb * 2**30))
+    with runs.local_rank_0_first():  # decoded once per node, not once per process
+        images, sizes, kept = data.load_split(listing, size, args.cache_dir, args.workers,
+                                              max_bytes=int(args.cache_max_gb * 2**30))
     labels = None if listing.labels is None else [listing.labels[i] for i in kept]
     kept_set = set(kept)
     skipped = [p for i, p in enumerate(listing.paths) if i not in kept_set]
     store = data.ImageStore(images, sizes, labels, listing.classes,
                             [listing.paths[i] for i in kept], skipped)
-    return store.to(runtime.device, store_bytes_limit(runtime.device),
-                    host_max_bytes=store_bytes_limit(torch.device("cpu")))
+    shares = runtime.local_world_size
+    return store.to(runtime.device, store_bytes_limit(runtime.device, shares),
+                    host_max_bytes=store_bytes_limit(torch.device("cpu"), shares))
 
 
 def load_train_store(args, input_size: int, runtime: Runtime,
                      min_crop_scale=None) -> data.ImageStore:
     """The training split, cut to --subset (seeded): the chosen files go to SAVE_DIR/subset.txt,
-    the files that could not be decoded to SAVE_DIR/skipped.txt (from the cache too)."""
+    the files that could not be decoded to SAVE_DIR/skipped.txt (from the cache too; rank 0)."""
     store = load_store(args, args.train_split, input_size, runtime, min_crop_scale=min_crop_scale)
-    if store.skipped:
+    if store.skipped and runtime.is_main:
         with open(os.path.join(args.save_dir, "skipped.txt"), "w") as f:
             f.write("".join(f"{path}\n" for path in store.skipped))
         print(f"{len(store.skipped)} unreadable files skipped, listed in "
@@ -494,8 +607,9 @@ def load_train_store(args, input_size: int, runtime: Runtime,
         return store
     labels = None if store.labels is None else store.labels.tolist()
     idx = data.subset_indices(labels, args.subset, args.seed)
-    with open(os.path.join(args.save_dir, "subset.txt"), "w") as f:
-        f.write("".join(f"{store.paths[i] if store.paths else i}\n" for i in idx))
+    if runtime.is_main:
+        with open(os.path.join(args.save_dir, "subset.txt"), "w") as f:
+            f.write("".join(f"{store.paths[i] if store.paths else i}\n" for i in idx))
     print(f"--subset {args.subset}: {len(idx)} of {len(store)} images ({args.save_dir}/subset.txt)")
     return store.subset(idx)
 
@@ -584,8 +698,10 @@ def epoch_order(seed: int, epoch: int, n: int, generator, device) -> torch.Tenso
 
 def run_log(args, runtime: Runtime, backbone: Backbone, resumed=None) -> runs.RunLog:
     """The run folder of this command, its config.json holding every resolved setting."""
-    config = dict(vars(args), backbone=asdict(backbone), runtime=runtime.reason)
-    return runs.RunLog(args.save_dir, config, resumed["epoch"] if resumed else None)
+    config = dict(vars(args), backbone=asdict(backbone), runtime=runtime.reason,
+                  world_size=runtime.world_size)
+    return runs.RunLog(args.save_dir, config, resumed["epoch"] if resumed else None,
+                       writes=runtime.is_main)
 
 
 def stage_record(command: str, backbone: Backbone, epochs: int, wall_s: float, macs: int,
@@ -599,24 +715,35 @@ def stage_record(command: str, backbone: Backbone, epochs: int, wall_s: float, m
 # ----- evaluation ---------------------------------------------------------------------------------
 
 @torch.no_grad()
+def centre_view_outputs(fn, store: data.ImageStore, input_size: int, runtime: Runtime,
+                        batch_size: int = 256) -> torch.Tensor:
+    """fn(centre views) for every image of `store`, in order: (N, ...). Under torchrun each process
+    computes one contiguous share (the last padded with copies of the last image) and the shares
+    are gathered, so every process holds the same result."""
+    n, t0 = len(store), time.time()
+    per = math.ceil(n / runtime.world_size)
+    mine = torch.arange(runtime.rank * per, (runtime.rank + 1) * per, device=runtime.device)
+    mine = mine.clamp_(max=n - 1)
+    outputs = []
+    for start in range(0, per, batch_size):
+        images, sizes = store.batch(mine[start:start + batch_size], runtime.device)
+        x = data.center_view(images, sizes, input_size, dtype=runtime.resample_dtype)
+        with runtime.autocast():
+            outputs.append(fn(runtime.prepare(x)))
+        if time.time() - t0 > 5:
+            done = min(start + batch_size, per)
+            print(f"\rcentre views: {done}/{per}", end="\n" if done == per else "", flush=True)
+    return s3l.concat_all_gather(torch.cat(outputs))[:n]
+
+
 def extract_features(backbone, store: data.ImageStore, input_size: int, runtime: Runtime,
                      normalize: bool = True, batch_size: int = 256) -> torch.Tensor:
     """Pooled features of centre views, (N, feature_dim), BN in eval mode; L2-normalised or not."""
-    was_training, t0 = backbone.training, time.time()
+    was_training = backbone.training
     backbone.eval()
-    feats = []
-    for start in range(0, len(store), batch_size):
-        stop = min(start + batch_size, len(store))
-        idx = torch.arange(start, stop, device=runtime.device)
-        images, sizes = store.batch(idx, runtime.device)
-        x = data.center_view(images, sizes, input_size, dtype=runtime.resample_dtype)
-        with runtime.autocast():
-            feats.append(backbone.forward_features(runtime.prepare(x)).float())
-        if time.time() - t0 > 5:
-            end = "\n" if stop == len(store) else ""
-            print(f"\rfeatures: {stop}/{len(store)}", end=end, flush=True)
+    feats = centre_view_outputs(lambda x: backbone.forward_features(x).float(), store, input_size,
+                                runtime, batch_size)
     backbone.train(was_training)
-    feats = torch.cat(feats)
     return F.normalize(feats, dim=1) if normalize else feats
 
 
@@ -627,29 +754,24 @@ def knn_eval(backbone, bank: data.ImageStore, queries: data.ImageStore, input_si
     return s3l.knn_top1(feats[0], bank.labels, feats[1], queries.labels, k, t)
 
 
-@torch.no_grad()
 def classify_top1(model, store: data.ImageStore, input_size: int, runtime: Runtime) -> float:
     """Top-1 (%) of a classifier on centre views of `store`."""
     model.eval()
-    correct = 0
-    for start in range(0, len(store), 256):
-        idx = torch.arange(start, min(start + 256, len(store)), device=runtime.device)
-        images, sizes = store.batch(idx, runtime.device)
-        x = data.center_view(images, sizes, input_size, dtype=runtime.resample_dtype)
-        with runtime.autocast():
-            correct += (model(runtime.prepare(x)).argmax(1) == store.labels[idx]).sum().item()
-    return 100.0 * correct / len(store)
+    predicted = centre_view_outputs(lambda x: model(x).argmax(1), store, input_size, runtime)
+    return 100.0 * (predicted == store.labels).sum().item() / len(store)
 
 
 # ----- pretraining: one loop for every method -----------------------------------------------------
 
-def check_pretrain_args(args, n_train: int) -> None:
+def check_pretrain_args(args, n_train: int, processes: int) -> None:
     """User-facing checks before any work: each error names the flag and the fix."""
     if args.batch_size > n_train:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the training split "
                          f"({n_train} images): lower --batch-size")
-    if args.bn_batch and args.batch_size % args.bn_batch:
-        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --bn-batch "
+    per_process = args.batch_size // processes
+    if args.bn_batch and per_process % args.bn_batch:
+        shared = f" over {processes} processes ({per_process} each)" if processes > 1 else ""
+        raise SystemExit(f"--batch-size {args.batch_size}{shared} is not a multiple of --bn-batch "
                          f"{args.bn_batch}")
     if args.method == "moco" and args.moco_k % args.batch_size:
         raise SystemExit(f"--moco-k {args.moco_k} is not divisible by --batch-size "
@@ -688,14 +810,15 @@ def pretrain(args) -> dict:
     backbone = Backbone(**resumed["backbone"]) if resumed else resolve_backbone(args)
     runtime = runtime_for(args)
     train_store = load_train_store(args, backbone.input_size, runtime, args.crop_scale[0])
-    check_pretrain_args(args, len(train_store))
+    check_pretrain_args(args, len(train_store), runtime.world_size)
     if resumed:
-        check_resume(args, resumed, train_store.paths)
+        check_resume(args, resumed, train_store.paths, runtime)
     bank, queries = knn_stores(args, train_store, backbone.input_size, runtime)
     log = run_log(args, runtime, backbone, resumed)
 
     torch.manual_seed(args.seed)
-    method = runtime.place(build_method(args.method, backbone.build(), vars(args)))
+    method = build_method(args.method, backbone.build(), vars(args), runtime.world_size)
+    method = runtime.place(method, args.sync_bn)
     params = [p for p in method.parameters() if p.requires_grad]
     state = runs.TrainState(method, runtime.sgd(params, args.lr, args.momentum, args.weight_decay),
                             runtime.scaler())
@@ -730,6 +853,7 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
     Returns (the last epoch's record, the last kNN top-1 or None)."""
     method, optimizer, scaler = state.model, state.optimizer, state.scaler
     model = torch.compile(method) if args.compile else method  # state_dict() from `method` only
+    model = runtime.wrap(model)  # DDP under torchrun
     apply = torch.compile(augment.apply) if args.compile else augment.apply  # one fused graph
     generator = torch.Generator(runtime.device)
     n, bs = len(train_store), args.batch_size
@@ -738,10 +862,11 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
         print(f"note: batches of {bs} leave {n - steps * bs} of {n} images out of every epoch "
               "(drop_last, as the official loaders); a smaller --batch-size uses them")
     macs = models.macs(backbone.build(), backbone.input_size)
-    start, interrupt, t0 = resume_point(resumed), runs.Interrupt(), time.time()
+    start, t0 = resume_point(resumed), time.time()
+    interrupt = runs.Interrupt(repeat_stops=not runtime.distributed)
     print(f"pretraining {args.method} {backbone.arch} conv5={backbone.conv5} at "
           f"{backbone.input_size} px on {n} images: {steps} steps/epoch, BN groups of "
-          f"{args.bn_batch or bs} images")
+          f"{bs if args.sync_bn else args.bn_batch or bs // runtime.world_size} images")
     record, knn = {}, None
     for epoch in range(start["epoch"], args.epochs):
         order = epoch_order(args.seed, epoch, n, generator, runtime.device)
@@ -752,22 +877,25 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
             lr_epoch = epoch + step / steps if epoch < args.warmup_epochs else epoch
             lr = lr_at(lr_epoch, args.epochs, args.lr, args.warmup_epochs)
             set_lr(optimizer, lr)
-            idx = order[step * bs:(step + 1) * bs]
-            images, sizes = train_store.batch(idx, runtime.device)  # uint8, on the device
-            view1 = runtime.prepare(apply(images, augment.sample(sizes, generator)))
-            view2 = runtime.prepare(apply(images, augment.sample(sizes, generator)))
+            idx = order[step * bs:(step + 1) * bs]  # the batch, of all processes
+            images, _ = train_store.batch(runtime.share(idx), runtime.device)  # uint8, on device
+            sizes = train_store.sizes[idx]
+            # the whole batch's random parameters, this process's share of them: the same views
+            # for any number of processes
+            view1 = runtime.prepare(apply(images, runtime.share(augment.sample(sizes, generator))))
+            view2 = runtime.prepare(apply(images, runtime.share(augment.sample(sizes, generator))))
             with runtime.autocast():
                 loss = model(view1, view2)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            meter.add(step, loss, lr)
-            if interrupt.requested:
-                stop_interrupted(args, state, backbone, meter, generator, stages,
+            if meter.add(step, loss, lr, stop=interrupt.requested):
+                stop_interrupted(args, runtime, state, backbone, meter, generator, stages,
                                  start["wall_s"] + time.time() - t0,
                                  train_files=files_digest(train_store.paths))
         record = meter.record()
+        runs.broadcast_buffers(method)  # rank 0's BN statistics: what is saved and evaluated
         if knn_sets[0] is not None and (epoch + 1 == args.epochs or (
                 args.knn_every and (epoch + 1) % args.knn_every == 0)):
             knn = knn_eval(method.backbone, *knn_sets, backbone.input_size, runtime, args.knn_k,
@@ -778,9 +906,11 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
         wall = start["wall_s"] + time.time() - t0
         stage = stage_record("pretrain", backbone, args.epochs, wall, macs, method=args.method,
                              images=n)
-        checkpoint = state.checkpoint("pretrain", vars(args), asdict(backbone), epoch + 1, wall,
-                                      stages + [stage], train_files=files_digest(train_store.paths))
-        runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)  # every epoch
+        if runtime.is_main:  # every epoch
+            checkpoint = state.checkpoint("pretrain", vars(args), asdict(backbone), epoch + 1, wall,
+                                          stages + [stage], world_size=runtime.world_size,
+                                          train_files=files_digest(train_store.paths))
+            runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
     interrupt.restore()
     return record, knn
 
@@ -816,10 +946,10 @@ def resume_checkpoint(args):
     return ckpt
 
 
-def check_resume(args, ckpt: dict, train_files) -> None:
+def check_resume(args, ckpt: dict, train_files, runtime: Runtime) -> None:
     """A resumed run must be the checkpoint's run: the same training files and every setting that
     defines it (all flags but NOT_DEFINING); a difference exits listing it (--force-resume: goes
-    on)."""
+    on). Another number of processes continues the same run (same batches, views and BN groups)."""
     old = dict(ckpt["config"], train_files=ckpt.get("train_files"))
     new = dict(vars(args), train_files=files_digest(train_files))
     diffs = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in sorted(new)
@@ -830,6 +960,11 @@ def check_resume(args, ckpt: dict, train_files) -> None:
                          "--force-resume to continue anyway")
     if diffs:
         print(f"--force-resume: continuing although {'; '.join(diffs)}")
+    if ckpt.get("world_size", 1) != runtime.world_size:
+        print(f"--resume: {ckpt.get('world_size', 1)} process(es) wrote the checkpoint, "
+              f"{runtime.world_size} continue it: the same batches, views and --bn-batch groups; "
+              "a BN group of a whole process (--bn-batch 0) and per-process negatives "
+              "(--simclr-local-negatives) change size")
 
 
 def resume_point(ckpt) -> dict:
@@ -852,14 +987,19 @@ def epoch_meter(args, start: dict, epoch: int, steps: int, images: int, generato
                            runtime.device)
 
 
-def stop_interrupted(args, state: runs.TrainState, backbone: Backbone, meter, generator, stages,
-                     wall: float, **extra) -> None:
+def stop_interrupted(args, runtime: Runtime, state: runs.TrainState, backbone: Backbone, meter,
+                     generator, stages, wall: float, **extra) -> None:
     """Ctrl-C or SIGTERM: save the interrupted epoch (its step, random states and loss sums, so
-    --resume continues exactly) and exit with status 130."""
-    checkpoint = state.checkpoint(args.command, vars(args), asdict(backbone), meter.epoch, wall,
-                                  stages, step=meter.step_done, rng=runs.random_states(generator),
-                                  sums=meter.sums(), **extra)
-    runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
+    --resume continues exactly) and exit with status 130. Under torchrun every process gets here
+    after the same step (runs.EpochMeter.add) and rank 0 writes: the random states are the same
+    in every process (each draws the whole batch's), the loss sums are means over them."""
+    sums = meter.sums()  # a collective: before the rank-0-only write
+    if runtime.is_main:
+        checkpoint = state.checkpoint(args.command, vars(args), asdict(backbone), meter.epoch,
+                                      wall, stages, step=meter.step_done, sums=sums,
+                                      rng=runs.random_states(generator),
+                                      world_size=runtime.world_size, **extra)
+        runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
     path = os.path.join(args.save_dir, "checkpoint.pt")
     print(f"\ninterrupted in epoch {meter.epoch + 1} after step {meter.step_done}: saved {path}. "
           f"Continue with the same command and --resume {path}")
@@ -893,6 +1033,8 @@ def finetune(args) -> dict:
     on frozen SSL conv1-4 (step 2, small architecture). No --pretrained: from scratch."""
     warmup = args.command == "warmup-conv5"
     runtime, backbone, train_store, test_store, net, stages = supervised_setup(args, True)
+    if args.bn_batch:  # per-GPU BN; a last, smaller batch splits as evenly as possible
+        s3l.split_batchnorm_(net, args.batch_size // runtime.world_size // args.bn_batch)
     frozen_bn = []
     if warmup:  # fc N(0, 0.01) as the official main_freeze.py; only conv5 and fc learn
         torch.nn.init.normal_(net.fc.weight, std=0.01)
@@ -900,9 +1042,9 @@ def finetune(args) -> dict:
         trainable = s3l.freeze_all_but_conv5(net)
         print(f"warm-up trains {len(trainable)} tensors (layer4.*, fc.*); conv1-4 are frozen")
         if args.frozen_bn_eval:
-            frozen_bn = [m for name, m in net.named_modules()
-                         if isinstance(m, torch.nn.BatchNorm2d) and not name.startswith("layer4")]
-    net = runtime.place(net)
+            frozen_bn = [m for name, m in net.named_modules() if not name.startswith("layer4")
+                         and isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    net = runtime.place(net, args.sync_bn)
     model = torch.compile(net) if args.compile else net  # checkpoints from `net`: no _orig_mod.
     params = [p for p in net.parameters() if p.requires_grad]
     return train_classifier(args, runtime, backbone, net, model, params, train_store, test_store,
@@ -937,10 +1079,11 @@ def train_classifier(args, runtime, backbone: Backbone, net, model, params, trai
     cross-entropy (with mixup: one lambda per batch), SGD; per epoch, test top-1 of centre views.
     net: the module checkpointed; model: what runs it (compiled or not); params: what SGD trains;
     frozen_bn: modules kept in eval mode. Reports the final-epoch top-1; the best epoch is also
-    logged, labelled as chosen on the test split (optimistic; the official code reports it)."""
+    logged, labelled as chosen on the test split (optimistic; the official code reports it).
+    Under torchrun BN sees each process's share (per-GPU BN), and mixup pairs images within it."""
     resumed = resume_checkpoint(args)
     if resumed:
-        check_resume(args, resumed, train_store.paths)
+        check_resume(args, resumed, train_store.paths, runtime)
     log = run_log(args, runtime, backbone, resumed)
     state = runs.TrainState(net, runtime.sgd(params, args.lr, args.momentum, args.weight_decay),
                             runtime.scaler())
@@ -948,11 +1091,14 @@ def train_classifier(args, runtime, backbone: Backbone, net, model, params, trai
     if resumed:
         state.resume(resumed)
         best, acc = resumed["best"], resumed["test_top1"]
-    start, interrupt, t0 = resume_point(resumed), runs.Interrupt(), time.time()
+    start, t0 = resume_point(resumed), time.time()
+    interrupt = runs.Interrupt(repeat_stops=not runtime.distributed)
+    trained = runtime.wrap(model)  # DDP under torchrun
     generator = torch.Generator(runtime.device)
     n, bs = len(train_store), args.batch_size
     macs = models.macs(backbone.build(), backbone.input_size)
-    steps = math.ceil(n / bs) if n % bs != 1 else n // bs  # no batch of 1 for BatchNorm
+    # the last, smaller batch only if each process gets 2 images of it (BatchNorm needs 2)
+    steps = n // bs + (n % bs >= 2 * runtime.world_size)
     for epoch in range(start["epoch"], args.epochs):
         order = epoch_order(args.seed, epoch, n, generator, runtime.device)
         meter = epoch_meter(args, start, epoch, steps, n, generator, runtime)
@@ -962,28 +1108,31 @@ def train_classifier(args, runtime, backbone: Backbone, net, model, params, trai
         for step in range(meter.first_step, steps):
             lr = lr_at(epoch + step / steps, args.epochs, args.lr, steps=args.lr_steps)
             set_lr(state.optimizer, lr)
-            idx = order[step * bs:(step + 1) * bs]
-            images, sizes = train_store.batch(idx, runtime.device)
-            x = data.finetune_train_view(images, sizes, backbone.input_size, generator,
+            idx = order[step * bs:(step + 1) * bs]  # the batch, of all processes
+            mine = runtime.share(idx)
+            images, _ = train_store.batch(mine, runtime.device)
+            crops = data.finetune_train_params(train_store.sizes[idx], backbone.input_size,
+                                               generator)  # the whole batch's, as in train_ssl
+            x = data.finetune_train_view(images, runtime.share(crops), backbone.input_size,
                                          dtype=runtime.resample_dtype)
             x = runtime.prepare(x)
-            y = train_store.labels[idx]
+            y = train_store.labels[mine]
             with runtime.autocast():
                 if mixup:
                     x, y_a, y_b, lam = s3l.mixup(x, y, args.mixup_alpha)
-                    loss = s3l.mixup_loss(model(x).float(), y_a, y_b, lam)
+                    loss = s3l.mixup_loss(trained(x).float(), y_a, y_b, lam)
                 else:
-                    loss = F.cross_entropy(model(x).float(), y)
+                    loss = F.cross_entropy(trained(x).float(), y)
             state.optimizer.zero_grad(set_to_none=True)
             state.scaler.scale(loss).backward()
             state.scaler.step(state.optimizer)
             state.scaler.update()
-            meter.add(step, loss, lr)
-            if interrupt.requested:
-                stop_interrupted(args, state, backbone, meter, generator, stages,
+            if meter.add(step, loss, lr, stop=interrupt.requested):
+                stop_interrupted(args, runtime, state, backbone, meter, generator, stages,
                                  start["wall_s"] + time.time() - t0, best=best, test_top1=acc,
                                  train_files=files_digest(train_store.paths))
         record = meter.record()
+        runs.broadcast_buffers(net)
         if epoch + 1 == args.epochs or (epoch + 1) % args.eval_every == 0:
             acc = classify_top1(model, test_store, backbone.input_size, runtime)
             record["test_top1"] = round(acc, 2)
@@ -993,10 +1142,12 @@ def train_classifier(args, runtime, backbone: Backbone, net, model, params, trai
         runs.check_finite_weights(net, epoch + 1)
         wall = start["wall_s"] + time.time() - t0
         stage = stage_record(args.command, backbone, args.epochs, wall, macs)
-        checkpoint = state.checkpoint(args.command, vars(args), asdict(backbone), epoch + 1, wall,
-                                      stages + [stage], best=best, test_top1=acc,
-                                      train_files=files_digest(train_store.paths))
-        runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
+        if runtime.is_main:
+            checkpoint = state.checkpoint(args.command, vars(args), asdict(backbone), epoch + 1,
+                                          wall, stages + [stage], best=best, test_top1=acc,
+                                          world_size=runtime.world_size,
+                                          train_files=files_digest(train_store.paths))
+            runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
     interrupt.restore()
     wall = start["wall_s"] + time.time() - t0
     stage = stage_record(args.command, backbone, args.epochs, wall, macs)
@@ -1034,10 +1185,11 @@ def linear_on_cached_features(args, runtime, backbone: Backbone, net, train_stor
     wall = time.time() - t0
     macs = models.macs(backbone.build(), backbone.input_size)
     stage = stage_record(args.command, backbone, args.epochs, wall, macs)
-    runs.save_checkpoint(os.path.join(args.save_dir, "checkpoint.pt"), dict(
-        format="s3l", kind=args.command, model=net.state_dict(), epoch=args.epochs, wall_s=wall,
-        config=vars(args), backbone=asdict(backbone), stages=stages + [stage], best=best,
-        test_top1=acc))
+    if runtime.is_main:  # every process trained the same fc on the same gathered features
+        runs.save_checkpoint(os.path.join(args.save_dir, "checkpoint.pt"), dict(
+            format="s3l", kind=args.command, model=net.state_dict(), epoch=args.epochs,
+            wall_s=wall, config=vars(args), backbone=asdict(backbone), stages=stages + [stage],
+            best=best, test_top1=acc))
     return finish_supervised(args, log, runtime, backbone, acc, best, wall, stages + [stage])
 
 
@@ -1137,27 +1289,30 @@ def check_paths(args) -> None:
 
 
 def run_command(args):
-    """One command in its own locked --save-dir; data errors become one line, not a trace."""
+    """One command in its own locked --save-dir (rank 0 holds the lock under torchrun: the folder
+    is its alone); data errors become one line, not a trace."""
     check_paths(args)
-    if args.command != "export":
+    locks = args.command != "export" and (runs.torchrun_ranks() or (0,))[0] == 0
+    if locks:
         runs.lock_run_folder(args.save_dir)
     try:
         return COMMANDS[args.command](args)
     except ValueError as e:  # data errors (missing folders, a bad --subset)
         raise SystemExit(f"error: {e}") from None
     finally:
-        if args.command != "export":
+        if locks:
             runs.unlock_run_folder(args.save_dir)
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        return default_job()
-    args = parse_args(argv)
-    if args.command is None:
-        return build_parser().print_help()
-    run_command(args)
+    with runs.torchrun_scope():  # torchrun: rank 0 prints; the group is left at the end
+        if not argv:
+            return default_job()
+        args = parse_args(argv)
+        if args.command is None:
+            return build_parser().print_help()
+        run_command(args)
 
 
 if __name__ == "__main__":
