@@ -148,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_args(p, save_dir="runs/pretrain")
     add_run_args(p)
 
+    add_supervised_parsers(commands)
+    p = commands.add_parser("knn", formatter_class=HelpFormatter, help="weighted kNN top-1 of a "
+                            "checkpoint's backbone (train split as memory, test split as queries)")
+    add_data_args(p)
+    add_model_args(p, input_size=None, command="knn")
+    p.add_argument("--pretrained", help="checkpoint to evaluate (none: the untrained backbone)")
+    add_knn_args(p)
+    add_device_args(p, save_dir="runs/knn")
+    p = commands.add_parser("export", formatter_class=HelpFormatter, help="write a checkpoint's "
+                            "backbone as a plain state_dict with torchvision ResNet names, no fc")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    return parser
+
+
+def add_supervised_parsers(commands) -> None:
+    """finetune, warmup-conv5 and linear: the supervised stages of the recipe."""
     helps = {"finetune": "fine-tune the whole network (mixup when --pretrained)",
              "warmup-conv5": "train conv5 + fc on frozen SSL conv1-4 (small architecture)",
              "linear": "linear probe on frozen features"}
@@ -182,19 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
         add_device_args(p, save_dir=f"runs/{name}")
         add_run_args(p)
         p.set_defaults(**STAGE_DEFAULTS[name])
-
-    p = commands.add_parser("knn", formatter_class=HelpFormatter, help="weighted kNN top-1 of a "
-                            "checkpoint's backbone (train split as memory, test split as queries)")
-    add_data_args(p)
-    add_model_args(p, input_size=None, command="knn")
-    p.add_argument("--pretrained", help="checkpoint to evaluate (none: the untrained backbone)")
-    add_knn_args(p)
-    add_device_args(p, save_dir="runs/knn")
-    p = commands.add_parser("export", formatter_class=HelpFormatter, help="write a checkpoint's "
-                            "backbone as a plain state_dict with torchvision ResNet names, no fc")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
-    return parser
 
 
 def add_data_args(p):
