@@ -423,7 +423,7 @@ def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = 
             (", tf32" if tf32 else "")
         fast_bf16 = cap >= (8, 0)
     else:
-        if amp == "fp16":  # measured: fp16 autocast on CPU gives a NaN loss from the first epoch
+        if amp == "fp16":  # fp16 autocast on CPU was seen to give NaN losses from epoch 1
             raise SystemExit("--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 or off")
         amp = "off" if amp == "auto" else amp
         name = f"CPU, {torch.get_num_threads()} threads"
