@@ -815,6 +815,11 @@ def pretrain(args) -> dict:
     runtime = runtime_for(args)
     train_store = load_train_store(args, backbone.input_size, runtime, args.crop_scale[0])
     check_pretrain_args(args, len(train_store), runtime.world_size)
+    dropped = len(train_store) % args.batch_size
+    if dropped > 0.1 * len(train_store):
+        print(f"note: batches of {args.batch_size} leave {dropped} of {len(train_store)} images "
+              "out of every epoch (drop_last, as the official loaders); a smaller --batch-size "
+              "uses them")
     if resumed:
         check_resume(args, resumed, train_store.paths, runtime)
     bank, queries = knn_stores(args, train_store, backbone.input_size, runtime)
@@ -862,9 +867,6 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
     generator = torch.Generator(runtime.device)
     n, bs = len(train_store), args.batch_size
     steps = n // bs  # drop_last, as the official loaders
-    if n - steps * bs > 0.1 * n:
-        print(f"note: batches of {bs} leave {n - steps * bs} of {n} images out of every epoch "
-              "(drop_last, as the official loaders); a smaller --batch-size uses them")
     macs = models.macs(backbone.build(), backbone.input_size)
     start, t0 = resume_point(resumed), time.time()
     interrupt = runs.Interrupt(repeat_stops=not runtime.distributed)
@@ -910,11 +912,7 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
         wall = start["wall_s"] + time.time() - t0
         stage = stage_record("pretrain", backbone, args.epochs, wall, macs, method=args.method,
                              images=n)
-        if runtime.is_main:  # every epoch
-            checkpoint = state.checkpoint("pretrain", vars(args), asdict(backbone), epoch + 1, wall,
-                                          stages + [stage], world_size=runtime.world_size,
-                                          train_files=files_digest(train_store.paths))
-            runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
+        save_epoch(args, runtime, state, backbone, epoch + 1, wall, stages + [stage], train_store)
     interrupt.restore()
     return record, knn
 
@@ -1085,16 +1083,8 @@ def train_classifier(args, runtime, backbone: Backbone, net, model, params, trai
     frozen_bn: modules kept in eval mode. Reports the final-epoch top-1; the best epoch is also
     logged, labelled as chosen on the test split (optimistic; the official code reports it).
     Under torchrun BN sees each process's share (per-GPU BN), and mixup pairs images within it."""
-    resumed = resume_checkpoint(args)
-    if resumed:
-        check_resume(args, resumed, train_store.paths, runtime)
-    log = run_log(args, runtime, backbone, resumed)
-    state = runs.TrainState(net, runtime.sgd(params, args.lr, args.momentum, args.weight_decay),
-                            runtime.scaler())
-    best, acc = dict(test_top1=None, epoch=None), None
-    if resumed:
-        state.resume(resumed)
-        best, acc = resumed["best"], resumed["test_top1"]
+    resumed, log, state, best, acc = start_supervised(args, runtime, backbone, net, params,
+                                                      train_store)
     start, t0 = resume_point(resumed), time.time()
     interrupt = runs.Interrupt(repeat_stops=not runtime.distributed)
     trained = runtime.wrap(model)  # DDP under torchrun
@@ -1146,16 +1136,37 @@ def train_classifier(args, runtime, backbone: Backbone, net, model, params, trai
         runs.check_finite_weights(net, epoch + 1)
         wall = start["wall_s"] + time.time() - t0
         stage = stage_record(args.command, backbone, args.epochs, wall, macs)
-        if runtime.is_main:
-            checkpoint = state.checkpoint(args.command, vars(args), asdict(backbone), epoch + 1,
-                                          wall, stages + [stage], best=best, test_top1=acc,
-                                          world_size=runtime.world_size,
-                                          train_files=files_digest(train_store.paths))
-            runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
+        save_epoch(args, runtime, state, backbone, epoch + 1, wall, stages + [stage], train_store,
+                   best=best, test_top1=acc)
     interrupt.restore()
     wall = start["wall_s"] + time.time() - t0
     stage = stage_record(args.command, backbone, args.epochs, wall, macs)
     return finish_supervised(args, log, runtime, backbone, acc, best, wall, stages + [stage])
+
+
+def start_supervised(args, runtime, backbone: Backbone, net, params, train_store):
+    """A supervised run's log, optimizer state and best/last top-1, fresh or from --resume.
+    Returns (resumed checkpoint or None, log, state, best, acc)."""
+    resumed = resume_checkpoint(args)
+    if resumed:
+        check_resume(args, resumed, train_store.paths, runtime)
+    log = run_log(args, runtime, backbone, resumed)
+    state = runs.TrainState(net, runtime.sgd(params, args.lr, args.momentum, args.weight_decay),
+                            runtime.scaler())
+    if not resumed:
+        return None, log, state, dict(test_top1=None, epoch=None), None
+    state.resume(resumed)
+    return resumed, log, state, resumed["best"], resumed["test_top1"]
+
+
+def save_epoch(args, runtime, state: runs.TrainState, backbone: Backbone, epoch: int, wall: float,
+               stages: list, train_store, **extra) -> None:
+    """checkpoint.pt after a finished epoch (rank 0 only), with what --resume checks."""
+    if runtime.is_main:
+        checkpoint = state.checkpoint(args.command, vars(args), asdict(backbone), epoch, wall,
+                                      stages, world_size=runtime.world_size,
+                                      train_files=files_digest(train_store.paths), **extra)
+        runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
 
 
 def linear_on_cached_features(args, runtime, backbone: Backbone, net, train_store, test_store,
