@@ -767,11 +767,6 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Te
     return (x - mean) / std
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, L, L) -> float32 in [0, 1] (ToTensor)."""
-    return images.float().div_(255)
-
-
 def finetune_train_params(sizes: torch.Tensor, input_size: int, generator: torch.Generator):
     """The random part of finetune_train_view for images of sizes (N, 2) = (h, w): crop_boxes,
     then the flips, as a dict like SSLAugment.sample's."""

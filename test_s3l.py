@@ -535,7 +535,7 @@ def test_ssl_augment_produces_normalised_views_of_the_requested_size():
     sizes = torch.tensor([[20, 20], [15, 20], [20, 14], [9, 12]]).repeat(2, 1)
     aug = data.SSLAugment(16)
     g = gen(5)
-    v1, v2 = aug(data.to_float(imgs), sizes, g), aug(data.to_float(imgs), sizes, g)
+    v1, v2 = aug(imgs, sizes, g), aug(imgs, sizes, g)  # uint8 in, as train.py feeds it
     assert v1.shape == (8, 3, 16, 16) and not torch.allclose(v1, v2)
     lo = (0 - max(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
     hi = (1 - min(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
