@@ -33,6 +33,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 import data
 import models
+import runs
 import s3l
 import train
 
@@ -189,7 +190,7 @@ def jpeg_files(args) -> list:
 # ----- the benchmark ------------------------------------------------------------------------------
 
 def run(args) -> list:
-    runtime = train.setup_device(args.device, args.amp, args.channels_last)
+    runtime = runs.setup_device(args.device, args.amp, args.channels_last)
     print(f"{args.arch} small_stem={args.small_stem} at {args.input_size} px, batch "
           f"{args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
     paths = jpeg_files(args)
@@ -198,7 +199,7 @@ def run(args) -> list:
     short_side = data.store_short_side(args.input_size, augment.scale[0])
     images, sizes, _ = data.load_split(listing, short_side, args.cache_dir, log=lambda *a: None)
     store = data.ImageStore(images, sizes).to(runtime.device,
-                                               train.store_bytes_limit(runtime.device))
+                                               data.store_bytes_limit(runtime.device))
     apply = torch.compile(augment.apply) if args.compile else augment.apply
     generator = torch.Generator(runtime.device).manual_seed(0)
     n, bs, dev = len(store), args.batch_size, runtime.device

@@ -808,7 +808,7 @@ def test_fp16_gradient_scaler_path_runs_on_cpu_when_forced(tmp_path, monkeypatch
     root = make_folder(tmp_path / "data", classes=2, per_class=8)
     with pytest.raises(SystemExit, match="--amp fp16 needs a CUDA GPU"):
         train.main(pretrain_argv(root, tmp_path / "refused", "--amp", "fp16"))
-    forced = train.Runtime(torch.device("cpu"), torch.float16, True, "fp16: forced on CPU")
+    forced = runs.Runtime(torch.device("cpu"), torch.float16, True, "fp16: forced on CPU")
     monkeypatch.setattr(train, "runtime_for", lambda args: forced)
     train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1"))
     assert json.load(open(tmp_path / "run" / "summary.json"))["device"] == forced.reason
@@ -929,6 +929,19 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_is_taken_ov
     assert "is gone, taking the folder over" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "config.json", "log.jsonl",
                                                     "summary.json"]
+
+
+def test_interrupt_restores_the_previous_signal_handlers_even_when_the_loop_raises():
+    """runs.Interrupt is a context: inside it SIGINT and SIGTERM only set `requested`; leaving it,
+    by an exception too (a non-finite loss, an interrupted run's exit), restores the handlers."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(SystemExit):
+        with runs.Interrupt() as interrupt:
+            assert signal.getsignal(signal.SIGINT) == interrupt.handle
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert interrupt.requested
+            raise SystemExit(130)
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_sigint_saves_the_interrupted_epoch_and_resume_is_exact(tmp_path):

@@ -9,12 +9,12 @@
   torchrun --nproc_per_node N train.py pretrain ...   any training command on N GPUs (DDP)
 
 README.md's "Paper map" says which paper section and official script each stage reproduces.
-Reading order: defaults, parser, device, several processes (torchrun, DDP), backbone, data,
-checkpoints and logs, evaluation, pretraining, supervised stages, the default job, main. Losses
-and methods live in s3l.py, ResNets in models.py, readers and augmentation in data.py.
+Reading order: defaults, parser, device and data from the flags, backbone, schedule and logs,
+evaluation, pretraining, supervised stages, the default job, main. Losses and methods live in
+s3l.py, ResNets in models.py, readers, augmentation and a run's splits in data.py; the run folder
+(checkpoints, resuming, interrupts) and how a run runs (device, precision, torchrun) in runs.py.
 """
 import argparse
-import hashlib
 import math
 import os
 import sys
@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
@@ -67,7 +66,6 @@ DEFAULT_JOB = ["pretrain", "--method", "simclr", "--arch", "resnet18", "--input-
                "--epochs", "30", "--batch-size", "128", "--lr", "0.3", "--simclr-t", "0.2",
                "--simclr-base-t", "0.2", "--warmup-epochs", "0", "--bn-batch", "128",
                "--crop-scale", "0.5", "1.0", "--save-dir", "runs/default", "--knn-every", "0"]
-BUILTIN_TRAIN, BUILTIN_TEST = 2000, 1000  # images per split of the built-in shapes
 
 
 # ----- the command line ---------------------------------------------------------------------------
@@ -291,6 +289,18 @@ def add_run_args(p):
                    "read-back) every N steps")
 
 
+def check_process_flags(parser, args) -> None:
+    """The flags about several processes, checked before any work."""
+    sync_bn = getattr(args, "sync_bn", False)
+    if (sync_bn or getattr(args, "simclr_local_negatives", False)) and runs.world_size() == 1:
+        flag = "--sync-bn" if sync_bn else "--simclr-local-negatives"
+        parser.error(f"{flag} is for several processes (torchrun); one process has BN groups of "
+                     "--bn-batch images (0: the whole batch) and the whole batch as negatives")
+    if sync_bn and (getattr(args, "bn_batch", None) or getattr(args, "method", None) == "byol"):
+        parser.error("--sync-bn makes one BN group of the whole batch: drop --bn-batch (BYOL, "
+                     "whose BN is per view: use --bn-batch instead of --sync-bn)")
+
+
 def parse_args(argv) -> argparse.Namespace:
     """Parse argv and resolve, once, every default that depends on other flags: a pretraining flag
     left unset takes its method's value (METHOD_DEFAULTS); SimCLR warms up only above a batch of
@@ -303,178 +313,51 @@ def parse_args(argv) -> argparse.Namespace:
         parser.error(f"--crop-scale {args.crop_scale[0]} {args.crop_scale[1]}: the smaller area "
                      "fraction comes first")
     check_process_flags(parser, args)
-    settings = dict(vars(args))
+    settings, processes = dict(vars(args)), runs.world_size()
     if args.command == "pretrain":
         paper = METHOD_DEFAULTS[args.method]
         settings.update({k: v for k, v in paper.items() if settings[k] is None})
         if args.warmup_epochs is None and settings["batch_size"] <= WARMUP_MIN_BATCH:
             settings["warmup_epochs"] = 0
         if args.bn_batch is None:
-            per_process = settings["batch_size"] // world_size()
+            per_process = settings["batch_size"] // processes
             settings["bn_batch"] = 0 if args.sync_bn else min(paper["bn_batch"], per_process)
     if args.command in ("finetune", "warmup-conv5") and args.bn_batch is None:
-        per_process = settings["batch_size"] // world_size()
+        per_process = settings["batch_size"] // processes
         settings["bn_batch"] = 0 if args.sync_bn else min(FINETUNE_BN_BATCH, per_process)
-    if settings.get("batch_size") and settings["batch_size"] % world_size():
+    if settings.get("batch_size") and settings["batch_size"] % processes:
         parser.error(f"--batch-size {settings['batch_size']} (the batch of all processes) does not "
-                     f"divide among the {world_size()} processes: pass a multiple of "
-                     f"{world_size()}")
+                     f"divide among the {processes} processes: pass a multiple of {processes}")
     if args.command == "finetune" and args.mixup is None:
         settings["mixup"] = args.pretrained is not None
     return argparse.Namespace(**settings)
 
 
-# ----- device and precision: decided here, once ---------------------------------------------------
+# ----- device and data, from the flags ------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Runtime:
-    device: torch.device
-    amp_dtype: torch.dtype  # None: fp32
-    channels_last: bool
-    reason: str
-    resample_dtype: torch.dtype = torch.float32  # the views' crop + resize (data.crop_resize)
-    distributed: bool = False  # launched by torchrun: a process group, DDP (the section below)
-    rank: int = 0
-    local_rank: int = 0  # the process's index on its node, and its GPU
-    world_size: int = 1
-    local_world_size: int = 1  # processes on this node
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the process that prints and writes the run folder."""
-        return self.rank == 0
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch as the model wants it: NHWC when channels_last."""
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def place(self, module: torch.nn.Module, sync_bn: bool = False) -> torch.nn.Module:
-        """The module on the device; sync_bn: its BatchNorms as SyncBatchNorm (torchrun only)."""
-        if sync_bn:
-            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        fmt = torch.channels_last if self.channels_last else torch.preserve_format
-        return module.to(self.device, memory_format=fmt)
-
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """What the training step calls: under torchrun, DDP around `module` (gradients averaged
-        over the processes in backward; its state broadcast from rank 0 here); else `module`.
-        Keep `module` itself for state_dict() (no `module.` prefixes) and for evaluation."""
-        if not self.distributed:
-            return module
-        device_ids = [self.device] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-
-    def share(self, batch):
-        """This process's rows of a global batch: a tensor (B, ...), or a dict or tuple of them,
-        cut into world_size contiguous slices as evenly as possible; the batch itself in one
-        process. The slices of all ranks, in rank order, are the batch."""
-        if self.world_size == 1:
-            return batch
-        if isinstance(batch, dict):
-            return {key: self.share(value) for key, value in batch.items()}
-        if isinstance(batch, tuple):
-            return tuple(self.share(value) for value in batch)
-        return batch.tensor_split(self.world_size)[self.rank]
-
-    def sgd(self, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-        """SGD with weight decay on every parameter, BN and biases included (as the official code),
-        as one fused kernel: on CPU 11x faster than foreach for ResNet-18 (5 vs 62 ms a step,
-        measured), same arithmetic."""
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               fused=True)
-
-    def scaler(self) -> torch.amp.GradScaler:
-        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-
-
-def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = True,
-                 tf32: bool = True) -> Runtime:
-    """Device and autocast dtype, with the reason. CPU: fp32 (autocast is slower on most CPUs).
-
-    CUDA: bf16 only from compute capability 8.0 (Ampere): torch.cuda.is_bf16_supported() is also
-    true on older GPUs, where bf16 is emulated and convolutions are very slow; fp16 there.
-    Under torchrun: GPU LOCAL_RANK, and the process group joined (NCCL on GPUs, else Gloo).
-    """
-    ranks = runs.torchrun_ranks()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if ranks and device.type == "cuda":  # one GPU per process
-        if device.index not in (None, ranks[1]):
-            raise SystemExit(f"--device {device}: under torchrun each process takes the GPU of "
-                             "its LOCAL_RANK; pass --device cuda or auto")
-        device = torch.device("cuda", ranks[1])
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda was asked for, but torch sees no CUDA GPU: use cpu")
-        if device.index is not None:
-            torch.cuda.set_device(device)  # the current device: NCCL's, and its RNG's in runs
-        cap = torch.cuda.get_device_capability(device)
-        torch.backends.cudnn.benchmark = True  # the same shapes every step: pick the fastest conv
-        tf32 = tf32 and cap >= (8, 0)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-        if amp == "auto":
-            amp = "bf16" if cap >= (8, 0) else "fp16"
-        name = f"CUDA {torch.cuda.get_device_name(device)}, SM {cap[0]}.{cap[1]}" + \
-            (", tf32" if tf32 else "")
-        fast_bf16 = cap >= (8, 0)
-    else:
-        if amp == "fp16":  # fp16 autocast on CPU was seen to give NaN losses from epoch 1
-            raise SystemExit("--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 or off")
-        amp = "off" if amp == "auto" else amp
-        name = f"CPU, {torch.get_num_threads()} threads"
-        fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    # bf16 crops: exact uint8 inputs, views within 2/255 of fp32, 2x faster (data.crop_resize)
-    resample = torch.bfloat16 if fast_bf16 else torch.float32
-    reason = f"{amp if dtype else 'fp32'}: {name}" + (", channels_last" if channels_last else "") \
-        + (", bf16 crops" if fast_bf16 else "")
-    if ranks is None:
-        print(f"device: {reason}")
-        return Runtime(device, dtype, channels_last, reason, resample)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():  # the default job sets up a second runtime in the same group
-        dist.init_process_group(backend)
-    reason += f", {ranks[2]} processes ({backend})"
-    print(f"device: {reason}")
-    return Runtime(device, dtype, channels_last, reason, resample, True, *ranks)
-
-
-def runtime_for(args) -> Runtime:
-    runtime = setup_device(args.device, args.amp, args.channels_last, args.tf32)
+def runtime_for(args) -> runs.Runtime:
+    """The device, precision and processes every stage of the recipe (paper map) runs with
+    (runs.setup_device); --sync-bn checked against the device."""
+    runtime = runs.setup_device(args.device, args.amp, args.channels_last, args.tf32)
     if getattr(args, "sync_bn", False) and runtime.device.type != "cuda":
         raise SystemExit("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm has no CPU kernel")
     return runtime
 
 
-# ----- several processes: torchrun and DDP --------------------------------------------------------
-# `torchrun --nproc_per_node N train.py ...` runs this file in N processes, RANK, LOCAL_RANK and
-# WORLD_SIZE set. --batch-size stays the global batch: every step, each process trains on its
-# share of the same seeded batch (Runtime.share) under DDP (Runtime.wrap). Each process draws the
-# random views of the whole batch and keeps its share's, so the data order, the views and every
-# RNG state are the same for any number of processes, and so are the --bn-batch groups (the same
-# contiguous chunks of the batch). Rank 0 prints and writes the run folder. Decisions to stop are
-# taken on values all processes share (runs.EpochMeter), so no process waits alone in a collective.
-
-def world_size() -> int:
-    """The processes of this run: WORLD_SIZE under torchrun, else 1."""
-    return (runs.torchrun_ranks() or (0, 0, 1, 1))[2]
+def store_args(args, runtime: runs.Runtime) -> dict:
+    """data.load_store's settings from the flags: --store-size (small resolution, paper map), the
+    cache, the training device; under torchrun a node's first process decodes a split, the others
+    then read its cache."""
+    return dict(store_size=args.store_size, cache_dir=args.cache_dir, workers=args.workers,
+                cache_max_gb=args.cache_max_gb, device=runtime.device,
+                processes=runtime.local_world_size, around_decode=runs.local_rank_0_first)
 
 
-def check_process_flags(parser, args) -> None:
-    """The flags about several processes, checked before any work."""
-    sync_bn = getattr(args, "sync_bn", False)
-    if (sync_bn or getattr(args, "simclr_local_negatives", False)) and world_size() == 1:
-        flag = "--sync-bn" if sync_bn else "--simclr-local-negatives"
-        parser.error(f"{flag} is for several processes (torchrun); one process has BN groups of "
-                     "--bn-batch images (0: the whole batch) and the whole batch as negatives")
-    if sync_bn and (getattr(args, "bn_batch", None) or getattr(args, "method", None) == "byol"):
-        parser.error("--sync-bn makes one BN group of the whole batch: drop --bn-batch (BYOL, "
-                     "whose BN is per view: use --bn-batch instead of --sync-bn)")
+def train_split_args(args, runtime: runs.Runtime) -> dict:
+    """data.load_train_store's settings: store_args and the --subset of small data (paper map),
+    seeded by --seed, recorded in --save-dir by rank 0."""
+    return dict(store_args(args, runtime), subset=args.subset, seed=args.seed,
+                save_dir=args.save_dir, writes=runtime.is_main)
 
 
 # ----- the backbone: resolved once from the flags and the checkpoint ------------------------------
@@ -564,109 +447,6 @@ def load_pretrained(model, state: dict, path: str, keep_conv5: bool) -> None:
         raise SystemExit(f"--pretrained {path}: {e}") from None
 
 
-# ----- data ---------------------------------------------------------------------------------------
-
-def store_bytes_limit(device: torch.device, processes: int = 1) -> int:
-    """How much of the device a decoded split may take before it stays memory-mapped on disk;
-    processes: how many on this node share the host's memory, each with its own copy."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 3
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (3 * processes)
-
-
-def load_store(args, split: str, input_size: int, runtime: Runtime, root=None,
-               min_crop_scale=None) -> data.ImageStore:
-    """One split of --data (or `root`), decoded or read from the cache, on the training device.
-    Its shorter side: --store-size, else data.store_short_side (min_crop_scale: pretraining's)."""
-    root = root or args.data
-    size = args.store_size or data.store_short_side(input_size, min_crop_scale)
-    if root is None:  # the built-in shapes: generated in seconds, never cached
-        n, seed = (BUILTIN_TRAIN, 0) if split == "train" else (BUILTIN_TEST, 1)
-        return data.synthetic_store(n, size, seed).to(runtime.device, 1 << 62)
-    listing = data.list_split(root, split)
-    with runs.local_rank_0_first():  # decoded once per node, not once per process
-        images, sizes, kept = data.load_split(listing, size, args.cache_dir, args.workers,
-                                              max_bytes=int(args.cache_max_gb * 2**30))
-    labels = None if listing.labels is None else [listing.labels[i] for i in kept]
-    kept_set = set(kept)
-    skipped = [p for i, p in enumerate(listing.paths) if i not in kept_set]
-    store = data.ImageStore(images, sizes, labels, listing.classes,
-                            [listing.paths[i] for i in kept], skipped)
-    shares = runtime.local_world_size
-    return store.to(runtime.device, store_bytes_limit(runtime.device, shares),
-                    host_max_bytes=store_bytes_limit(torch.device("cpu"), shares))
-
-
-def load_train_store(args, input_size: int, runtime: Runtime,
-                     min_crop_scale=None) -> data.ImageStore:
-    """The training split, cut to --subset (seeded): the chosen files go to SAVE_DIR/subset.txt,
-    the files that could not be decoded to SAVE_DIR/skipped.txt (from the cache too; rank 0)."""
-    store = load_store(args, args.train_split, input_size, runtime, min_crop_scale=min_crop_scale)
-    if store.skipped and runtime.is_main:
-        with open(os.path.join(args.save_dir, "skipped.txt"), "w") as f:
-            f.write("".join(f"{path}\n" for path in store.skipped))
-        print(f"{len(store.skipped)} unreadable files skipped, listed in "
-              f"{args.save_dir}/skipped.txt")
-    if not args.subset:
-        return store
-    labels = None if store.labels is None else store.labels.tolist()
-    idx = data.subset_indices(labels, args.subset, args.seed)
-    if runtime.is_main:
-        with open(os.path.join(args.save_dir, "subset.txt"), "w") as f:
-            f.write("".join(f"{store.paths[i] if store.paths else i}\n" for i in idx))
-    print(f"--subset {args.subset}: {len(idx)} of {len(store)} images ({args.save_dir}/subset.txt)")
-    return store.subset(idx)
-
-
-def store_report(store: data.ImageStore) -> dict:
-    """What summary.json says about a training split."""
-    return dict(train_images=len(store), skipped_files=len(store.skipped))
-
-
-def test_split(args) -> str:
-    return args.test_split or ("test" if args.data is None else data.default_eval_split(args.data))
-
-
-def labelled_splits(args, input_size: int, runtime: Runtime):
-    """Train (after --subset) and test stores with the same class folders, or a clear error."""
-    train_store = load_train_store(args, input_size, runtime)
-    test_store = load_store(args, test_split(args), input_size, runtime)
-    if train_store.labels is None or test_store.labels is None:
-        raise SystemExit(f"{args.command} needs labels: --data must hold class folders (or CUB's "
-                         "layout)")
-    empty = [c for c, n in zip(train_store.classes, torch.bincount(
-        train_store.labels.cpu(), minlength=len(train_store.classes)).tolist()) if n == 0]
-    if empty:
-        raise SystemExit(f"{args.command}: class folder(s) {empty[:10]} of {args.data} have no "
-                         "usable training images (see skipped.txt): add images or remove them")
-    if train_store.classes != test_store.classes:
-        missing = sorted(set(train_store.classes) - set(test_store.classes))
-        extra = sorted(set(test_store.classes) - set(train_store.classes))
-        raise SystemExit(f"the {test_split(args)} split of {args.data} does not have the train "
-                         f"split's classes: missing {missing[:10]}, not in train {extra[:10]}")
-    return train_store, test_store
-
-
-def knn_stores(args, train_store, input_size: int, runtime: Runtime):
-    """Memory bank and queries of the kNN monitor, or (None, None) when there are no labels."""
-    if args.knn_train or args.knn_val:
-        if not (args.knn_train and args.knn_val):
-            raise SystemExit("--knn-train and --knn-val go together: give both labelled folders")
-        bank, queries = (load_store(args, "train", input_size, runtime, root=r)
-                         for r in (args.knn_train, args.knn_val))
-    elif train_store.labels is None:
-        return None, None
-    else:
-        try:
-            bank, queries = train_store, load_store(args, test_split(args), input_size, runtime)
-        except ValueError:
-            print(f"kNN monitor off: no labelled '{test_split(args)}' split in {args.data}")
-            return None, None
-    if bank.labels is None or queries.labels is None or bank.classes != queries.classes:
-        raise SystemExit("the kNN memory bank and queries need the same labelled class folders")
-    return bank, queries
-
-
 # ----- schedule, checkpoints, logs ----------------------------------------------------------------
 
 def lr_at(epoch: float, epochs: int, base_lr: float, warmup_epochs: float = 0.0, steps=None,
@@ -700,7 +480,13 @@ def epoch_order(seed: int, epoch: int, n: int, generator, device) -> torch.Tenso
     return torch.randperm(n, generator=torch.Generator().manual_seed(s)).to(device)
 
 
-def run_log(args, runtime: Runtime, backbone: Backbone, resumed=None) -> runs.RunLog:
+def due(epoch: int, epochs: int, every: int) -> bool:
+    """Whether an evaluation follows epoch `epoch` (from 0), pretraining's kNN monitor or a
+    supervised stage's test top-1 (paper map): every `every` epochs (0: none) and after the last."""
+    return epoch + 1 == epochs or bool(every) and (epoch + 1) % every == 0
+
+
+def run_log(args, runtime: runs.Runtime, backbone: Backbone, resumed=None) -> runs.RunLog:
     """The run folder of this command, its config.json holding every resolved setting."""
     config = dict(vars(args), backbone=asdict(backbone), runtime=runtime.reason,
                   world_size=runtime.world_size)
@@ -719,7 +505,7 @@ def stage_record(command: str, backbone: Backbone, epochs: int, wall_s: float, m
 # ----- evaluation ---------------------------------------------------------------------------------
 
 @torch.no_grad()
-def centre_view_outputs(fn, store: data.ImageStore, input_size: int, runtime: Runtime,
+def centre_view_outputs(fn, store: data.ImageStore, input_size: int, runtime: runs.Runtime,
                         batch_size: int = 256) -> torch.Tensor:
     """fn(centre views) for every image of `store`, in order: (N, ...). Under torchrun each process
     computes one contiguous share (the last padded with copies of the last image) and the shares
@@ -740,7 +526,7 @@ def centre_view_outputs(fn, store: data.ImageStore, input_size: int, runtime: Ru
     return s3l.concat_all_gather(torch.cat(outputs))[:n]
 
 
-def extract_features(backbone, store: data.ImageStore, input_size: int, runtime: Runtime,
+def extract_features(backbone, store: data.ImageStore, input_size: int, runtime: runs.Runtime,
                      normalize: bool = True, batch_size: int = 256) -> torch.Tensor:
     """Pooled features of centre views, (N, feature_dim), BN in eval mode; L2-normalised or not."""
     was_training = backbone.training
@@ -752,13 +538,13 @@ def extract_features(backbone, store: data.ImageStore, input_size: int, runtime:
 
 
 def knn_eval(backbone, bank: data.ImageStore, queries: data.ImageStore, input_size: int,
-             runtime: Runtime, k: int, t: float) -> float:
+             runtime: runs.Runtime, k: int, t: float) -> float:
     """kNN top-1 (%) of `backbone`: `bank` is the labelled memory, `queries` are classified."""
     feats = [extract_features(backbone, s, input_size, runtime) for s in (bank, queries)]
     return s3l.knn_top1(feats[0], bank.labels, feats[1], queries.labels, k, t)
 
 
-def classify_top1(model, store: data.ImageStore, input_size: int, runtime: Runtime) -> float:
+def classify_top1(model, store: data.ImageStore, input_size: int, runtime: runs.Runtime) -> float:
     """Top-1 (%) of a classifier on centre views of `store`."""
     model.eval()
     predicted = centre_view_outputs(lambda x: model(x).argmax(1), store, input_size, runtime)
@@ -810,10 +596,12 @@ def init_from(method, path: str, backbone: Backbone, method_name: str) -> list:
 
 def pretrain(args) -> dict:
     """Self-supervised pretraining, step 1 of the S3L recipe (paper map); returns the summary."""
-    resumed = resume_checkpoint(args)
+    resumed = runs.resume_checkpoint(args.resume, args.command, args.method)
     backbone = Backbone(**resumed["backbone"]) if resumed else resolve_backbone(args)
     runtime = runtime_for(args)
-    train_store = load_train_store(args, backbone.input_size, runtime, args.crop_scale[0])
+    train_store = data.load_train_store(args.data, args.train_split, backbone.input_size,
+                                        min_crop_scale=args.crop_scale[0],
+                                        **train_split_args(args, runtime))
     check_pretrain_args(args, len(train_store), runtime.world_size)
     dropped = len(train_store) % args.batch_size
     if dropped > 0.1 * len(train_store):
@@ -821,8 +609,12 @@ def pretrain(args) -> dict:
               "out of every epoch (drop_last, as the official loaders); a smaller --batch-size "
               "uses them")
     if resumed:
-        check_resume(args, resumed, train_store.paths, runtime)
-    bank, queries = knn_stores(args, train_store, backbone.input_size, runtime)
+        runs.check_resume(args.resume, resumed, vars(args), train_store.paths,
+                          world_size=runtime.world_size, force=args.force_resume)
+    test_split = args.test_split or data.default_eval_split(args.data)
+    bank, queries = data.knn_stores(train_store, args.data, test_split, backbone.input_size,
+                                    knn_train=args.knn_train, knn_val=args.knn_val,
+                                    **store_args(args, runtime))
     log = run_log(args, runtime, backbone, resumed)
 
     torch.manual_seed(args.seed)
@@ -837,12 +629,12 @@ def pretrain(args) -> dict:
         stages = resumed["stages"][:-1]
     augment = data.SSLAugment(backbone.input_size, scale=tuple(args.crop_scale),
                               solarize_p=args.solarize_p, resample_dtype=runtime.resample_dtype)
-    t0 = time.time()
-    record, knn = train_ssl(args, runtime, state, train_store, augment, log=log, resumed=resumed,
+    start, t0 = runs.resume_point(resumed), time.time()
+    record, knn = train_ssl(args, runtime, state, train_store, augment, log=log, start=start,
                             knn_sets=(bank, queries), backbone=backbone, stages=stages)
-    start_epoch = resumed["epoch"] if resumed else 0
-    wall = (resumed["wall_s"] if resumed else 0.0) + time.time() - t0
-    n_images = (args.epochs - start_epoch) * (len(train_store) // args.batch_size) * args.batch_size
+    wall = start["wall_s"] + time.time() - t0
+    steps = len(train_store) // args.batch_size
+    n_images = (args.epochs - start["epoch"]) * steps * args.batch_size
     macs = models.macs(backbone.build(), backbone.input_size)
     stage = stage_record("pretrain", backbone, args.epochs, wall, macs, method=args.method,
                          images=len(train_store))
@@ -850,16 +642,17 @@ def pretrain(args) -> dict:
                    final_loss=record.get("loss"), knn_top1=knn, wall_s=round(wall, 1),
                    macs_per_image=macs, images_per_s=round(n_images / (time.time() - t0), 1),
                    device=runtime.reason, checkpoint=os.path.join(args.save_dir, "checkpoint.pt"),
-                   stages=stages + [stage], **store_report(train_store))
+                   stages=stages + [stage], train_images=len(train_store),
+                   skipped_files=len(train_store.skipped))
     log.summary(summary)
     return summary
 
 
-def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, resumed,
+def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, start: dict,
               knn_sets, backbone: Backbone, stages: list):
-    """The pretraining loop, the same for every method: per step, two augmented views of a batch
-    and `loss = method(view1, view2)`; per epoch, a log record, the kNN monitor and a checkpoint.
-    Returns (the last epoch's record, the last kNN top-1 or None)."""
+    """The pretraining loop, the same for every method, from `start` (runs.resume_point): per step,
+    two views of a batch and `loss = method(view1, view2)`; per epoch, a log record, the kNN monitor
+    and a checkpoint. Returns (the last epoch's record, the last kNN top-1 or None)."""
     method, optimizer, scaler = state.model, state.optimizer, state.scaler
     model = torch.compile(method) if args.compile else method  # state_dict() from `method` only
     model = runtime.wrap(model)  # DDP under torchrun
@@ -868,144 +661,53 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
     n, bs = len(train_store), args.batch_size
     steps = n // bs  # drop_last, as the official loaders
     macs = models.macs(backbone.build(), backbone.input_size)
-    start, t0 = resume_point(resumed), time.time()
-    interrupt = runs.Interrupt(repeat_stops=not runtime.distributed)
+    t0 = time.time() - start["wall_s"]  # the run's clock, the resumed part included
     print(f"pretraining {args.method} {backbone.arch} conv5={backbone.conv5} at "
           f"{backbone.input_size} px on {n} images: {steps} steps/epoch, BN groups of "
           f"{bs if args.sync_bn else args.bn_batch or bs // runtime.world_size} images")
     record, knn = {}, None
-    for epoch in range(start["epoch"], args.epochs):
-        order = epoch_order(args.seed, epoch, n, generator, runtime.device)
-        meter = epoch_meter(args, start, epoch, steps, steps * bs, generator, runtime)
-        method.train()
-        for step in range(meter.first_step, steps):
-            # the official cosine is per epoch; the warm-up per iteration
-            lr_epoch = epoch + step / steps if epoch < args.warmup_epochs else epoch
-            lr = lr_at(lr_epoch, args.epochs, args.lr, args.warmup_epochs)
-            set_lr(optimizer, lr)
-            idx = order[step * bs:(step + 1) * bs]  # the batch, of all processes
-            images, _ = train_store.batch(runtime.share(idx), runtime.device)  # uint8, on device
-            sizes = train_store.sizes[idx]
-            # the whole batch's random parameters, this process's share of them: the same views
-            # for any number of processes
-            view1 = runtime.prepare(apply(images, runtime.share(augment.sample(sizes, generator))))
-            view2 = runtime.prepare(apply(images, runtime.share(augment.sample(sizes, generator))))
-            with runtime.autocast():
-                loss = model(view1, view2)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if meter.add(step, loss, lr, stop=interrupt.requested):
-                stop_interrupted(args, runtime, state, backbone, meter, generator, stages,
-                                 start["wall_s"] + time.time() - t0,
-                                 train_files=files_digest(train_store.paths))
-        record = meter.record()
-        runs.broadcast_buffers(method)  # rank 0's BN statistics: what is saved and evaluated
-        if knn_sets[0] is not None and (epoch + 1 == args.epochs or (
-                args.knn_every and (epoch + 1) % args.knn_every == 0)):
-            knn = knn_eval(method.backbone, *knn_sets, backbone.input_size, runtime, args.knn_k,
-                           args.knn_t)
-            record["knn_top1"] = round(knn, 2)
-        log.record(record)
-        runs.check_finite_weights(method, epoch + 1)
-        wall = start["wall_s"] + time.time() - t0
-        stage = stage_record("pretrain", backbone, args.epochs, wall, macs, method=args.method,
-                             images=n)
-        save_epoch(args, runtime, state, backbone, epoch + 1, wall, stages + [stage], train_store)
-    interrupt.restore()
+    with runs.Interrupt(repeat_stops=not runtime.distributed) as interrupt:
+        for epoch in range(start["epoch"], args.epochs):
+            order = epoch_order(args.seed, epoch, n, generator, runtime.device)
+            meter = runs.epoch_meter(start, epoch, generator, epochs=args.epochs, steps=steps,
+                                     batch_size=bs, images=steps * bs,
+                                     print_freq=args.print_freq, device=runtime.device)
+            method.train()
+            for step in range(meter.first_step, steps):
+                # the official cosine is per epoch; the warm-up per iteration
+                lr_epoch = epoch + step / steps if epoch < args.warmup_epochs else epoch
+                lr = lr_at(lr_epoch, args.epochs, args.lr, args.warmup_epochs)
+                set_lr(optimizer, lr)
+                idx = order[step * bs:(step + 1) * bs]  # the batch, of all processes
+                images, _ = train_store.batch(runtime.share(idx), runtime.device)  # uint8
+                sizes = train_store.sizes[idx]
+                # whole-batch parameters, this process's share: the same views for any process count
+                params = [runtime.share(augment.sample(sizes, generator)) for _ in range(2)]
+                view1, view2 = (runtime.prepare(apply(images, p)) for p in params)
+                with runtime.autocast():
+                    loss = model(view1, view2)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                if meter.add(step, loss, lr, stop=interrupt.requested):
+                    save_epoch(args, runtime, state, backbone, meter.epoch, time.time() - t0,
+                               stages, train_store, **runs.interrupted_epoch(meter, generator))
+                    runs.stop_interrupted(meter, args.save_dir)
+            record = meter.record()
+            runs.broadcast_buffers(method)  # rank 0's BN statistics: what is saved and evaluated
+            if knn_sets[0] is not None and due(epoch, args.epochs, args.knn_every):
+                knn = knn_eval(method.backbone, *knn_sets, backbone.input_size, runtime,
+                               args.knn_k, args.knn_t)
+                record["knn_top1"] = round(knn, 2)
+            log.record(record)
+            runs.check_finite_weights(method, epoch + 1)
+            wall = time.time() - t0
+            stage = stage_record("pretrain", backbone, args.epochs, wall, macs,
+                                 method=args.method, images=n)
+            save_epoch(args, runtime, state, backbone, epoch + 1, wall, stages + [stage],
+                       train_store)
     return record, knn
-
-
-# ----- resuming: after a finished epoch, or an interrupted one ------------------------------------
-
-# settings that do not change what a run computes; every other flag must match on --resume
-NOT_DEFINING = {"resume", "force_resume", "save_dir", "device", "amp", "tf32", "channels_last",
-                "compile", "print_freq", "save_every", "eval_every", "knn_every", "knn_k", "knn_t",
-                "knn_train", "knn_val", "test_split", "workers", "cache_dir"}
-
-
-def files_digest(paths) -> str:
-    """A short hash of the training files, stored in checkpoints: --resume checks the file list."""
-    return hashlib.sha1("\n".join(map(str, paths)).encode()).hexdigest()[:16]
-
-
-def resume_checkpoint(args):
-    """The --resume checkpoint, if it is one of this command (and method); else one line saying
-    what it is and which command takes it."""
-    if not args.resume:
-        return None
-    ckpt = runs.read_checkpoint(args.resume)
-    kind, config = ckpt.get("kind"), ckpt.get("config", {})
-    if ckpt.get("format") != "s3l" or "optimizer" not in ckpt:
-        raise SystemExit(f"--resume {args.resume} is not a training checkpoint of s3l (an export, "
-                         "a linear probe on cached features or another project's file): pass it as "
-                         "--pretrained to finetune, warmup-conv5, linear or knn")
-    if kind != args.command or config.get("method") != getattr(args, "method", None):
-        what = f"{kind} --method {config['method']}" if config.get("method") else kind
-        raise SystemExit(f"--resume {args.resume} is a checkpoint of `train.py {what}`: resume it "
-                         f"with that command (or start from it with --pretrained / --init-from)")
-    return ckpt
-
-
-def check_resume(args, ckpt: dict, train_files, runtime: Runtime) -> None:
-    """A resumed run must be the checkpoint's run: the same training files and every setting that
-    defines it (all flags but NOT_DEFINING); a difference exits listing it (--force-resume: goes
-    on). Another number of processes continues the same run (same batches, views and BN groups)."""
-    old = dict(ckpt["config"], train_files=ckpt.get("train_files"))
-    new = dict(vars(args), train_files=files_digest(train_files))
-    diffs = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in sorted(new)
-             if k not in NOT_DEFINING and old.get(k) != new[k]]
-    if diffs and not args.force_resume:
-        raise SystemExit(f"--resume {args.resume}: this run differs from the checkpoint's in "
-                         f"{'; '.join(diffs)}. Use the checkpoint's settings, or pass "
-                         "--force-resume to continue anyway")
-    if diffs:
-        print(f"--force-resume: continuing although {'; '.join(diffs)}")
-    if ckpt.get("world_size", 1) != runtime.world_size:
-        print(f"--resume: {ckpt.get('world_size', 1)} process(es) wrote the checkpoint, "
-              f"{runtime.world_size} continue it: the same batches, views and --bn-batch groups; "
-              "a BN group of a whole process (--bn-batch 0) and per-process negatives "
-              "(--simclr-local-negatives) change size")
-
-
-def resume_point(ckpt) -> dict:
-    """Where the loop starts: epoch 0, or after the checkpoint's last complete epoch, or inside an
-    interrupted epoch (step, random states and loss sums saved with it)."""
-    if ckpt is None:
-        return dict(epoch=0, step=0, wall_s=0.0)
-    return dict(epoch=ckpt["epoch"], step=ckpt.get("step", 0), wall_s=ckpt["wall_s"],
-                rng=ckpt.get("rng"), sums=ckpt.get("sums", (0.0, 0.0)))
-
-
-def epoch_meter(args, start: dict, epoch: int, steps: int, images: int, generator,
-                runtime) -> runs.EpochMeter:
-    """The epoch's meter; an interrupted epoch continues its random streams and loss sums."""
-    if epoch == start["epoch"] and start["step"]:
-        runs.set_random_states(generator, start["rng"])
-        return runs.EpochMeter(epoch, args.epochs, steps, args.batch_size, images,
-                               args.print_freq, runtime.device, start["step"], start["sums"])
-    return runs.EpochMeter(epoch, args.epochs, steps, args.batch_size, images, args.print_freq,
-                           runtime.device)
-
-
-def stop_interrupted(args, runtime: Runtime, state: runs.TrainState, backbone: Backbone, meter,
-                     generator, stages, wall: float, **extra) -> None:
-    """Ctrl-C or SIGTERM: save the interrupted epoch (its step, random states and loss sums, so
-    --resume continues exactly) and exit with status 130. Under torchrun every process gets here
-    after the same step (runs.EpochMeter.add) and rank 0 writes: the random states are the same
-    in every process (each draws the whole batch's), the loss sums are means over them."""
-    sums = meter.sums()  # a collective: before the rank-0-only write
-    if runtime.is_main:
-        checkpoint = state.checkpoint(args.command, vars(args), asdict(backbone), meter.epoch,
-                                      wall, stages, step=meter.step_done, sums=sums,
-                                      rng=runs.random_states(generator),
-                                      world_size=runtime.world_size, **extra)
-        runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
-    path = os.path.join(args.save_dir, "checkpoint.pt")
-    print(f"\ninterrupted in epoch {meter.epoch + 1} after step {meter.step_done}: saved {path}. "
-          f"Continue with the same command and --resume {path}")
-    raise SystemExit(130)
 
 
 # ----- supervised stages: fine-tuning, the conv5 warm-up, the linear probe ------------------------
@@ -1021,7 +723,10 @@ def supervised_setup(args, build_conv5=None):
     backbone = resolve_backbone(args, state, input_size=ckpt_size)
     built = backbone if build_conv5 is None else replace(backbone, conv5=build_conv5)
     runtime = runtime_for(args)
-    train_store, test_store = labelled_splits(args, built.input_size, runtime)
+    test_split = args.test_split or data.default_eval_split(args.data)
+    train_store, test_store = data.labelled_splits(
+        args.data, args.train_split, test_split, built.input_size, command=args.command,
+        **train_split_args(args, runtime))
     torch.manual_seed(args.seed)
     net = built.build(num_classes=len(train_store.classes))
     if state is not None:  # backbone.conv5: the checkpoint's conv5 is used
@@ -1050,7 +755,8 @@ def finetune(args) -> dict:
     model = torch.compile(net) if args.compile else net  # checkpoints from `net`: no _orig_mod.
     params = [p for p in net.parameters() if p.requires_grad]
     return train_classifier(args, runtime, backbone, net, model, params, train_store, test_store,
-                            stages, frozen_bn=frozen_bn, mixup=args.mixup)
+                            stages, frozen_bn=frozen_bn,
+                            mixup_alpha=args.mixup_alpha if args.mixup else None)
 
 
 def linear(args) -> dict:
@@ -1068,14 +774,15 @@ def linear(args) -> dict:
                                             stages)
     else:
         summary = train_classifier(args, runtime, backbone, net, net, list(net.fc.parameters()),
-                                   train_store, test_store, stages, frozen_bn=[net], mixup=False)
+                                   train_store, test_store, stages, frozen_bn=[net],
+                                   mixup_alpha=None)
     for key, value in net.state_dict().items():  # MoCo's lincls sanity check
         assert key.startswith("fc.") or torch.equal(value, frozen[key]), f"the probe changed {key}"
     return summary
 
 
 def train_classifier(args, runtime, backbone: Backbone, net, model, params, train_store,
-                     test_store, stages: list, frozen_bn, mixup: bool) -> dict:
+                     test_store, stages: list, frozen_bn, mixup_alpha) -> dict:
     """The supervised loop of finetune, warmup-conv5 and the official linear probe: per step, a
     RandomCrop + flip view of a batch (Resize -> RandomCrop, the official train transform),
     cross-entropy (with mixup: one lambda per batch), SGD; per epoch, test top-1 of centre views.
@@ -1083,89 +790,114 @@ def train_classifier(args, runtime, backbone: Backbone, net, model, params, trai
     frozen_bn: modules kept in eval mode. Reports the final-epoch top-1; the best epoch is also
     logged, labelled as chosen on the test split (optimistic; the official code reports it).
     Under torchrun BN sees each process's share (per-GPU BN), and mixup pairs images within it."""
-    resumed, log, state, best, acc = start_supervised(args, runtime, backbone, net, params,
-                                                      train_store)
-    start, t0 = resume_point(resumed), time.time()
-    interrupt = runs.Interrupt(repeat_stops=not runtime.distributed)
+    start, log, state, best, acc = start_supervised(args, runtime, backbone, net, params,
+                                                    train_store)
+    t0 = time.time() - start["wall_s"]  # the run's clock, the resumed part included
     trained = runtime.wrap(model)  # DDP under torchrun
     generator = torch.Generator(runtime.device)
     n, bs = len(train_store), args.batch_size
     macs = models.macs(backbone.build(), backbone.input_size)
     # the last, smaller batch only if each process gets 2 images of it (BatchNorm needs 2)
     steps = n // bs + (n % bs >= 2 * runtime.world_size)
-    for epoch in range(start["epoch"], args.epochs):
-        order = epoch_order(args.seed, epoch, n, generator, runtime.device)
-        meter = epoch_meter(args, start, epoch, steps, n, generator, runtime)
-        net.train()
-        for module in frozen_bn:
-            module.eval()
-        for step in range(meter.first_step, steps):
-            lr = lr_at(epoch + step / steps, args.epochs, args.lr, steps=args.lr_steps)
-            set_lr(state.optimizer, lr)
-            idx = order[step * bs:(step + 1) * bs]  # the batch, of all processes
-            mine = runtime.share(idx)
-            images, _ = train_store.batch(mine, runtime.device)
-            crops = data.finetune_train_params(train_store.sizes[idx], backbone.input_size,
-                                               generator)  # the whole batch's, as in train_ssl
-            x = data.finetune_train_view(images, runtime.share(crops), backbone.input_size,
-                                         dtype=runtime.resample_dtype)
-            x = runtime.prepare(x)
-            y = train_store.labels[mine]
-            with runtime.autocast():
-                if mixup:
-                    x, y_a, y_b, lam = s3l.mixup(x, y, args.mixup_alpha)
-                    loss = s3l.mixup_loss(trained(x).float(), y_a, y_b, lam)
-                else:
-                    loss = F.cross_entropy(trained(x).float(), y)
-            state.optimizer.zero_grad(set_to_none=True)
-            state.scaler.scale(loss).backward()
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-            if meter.add(step, loss, lr, stop=interrupt.requested):
-                stop_interrupted(args, runtime, state, backbone, meter, generator, stages,
-                                 start["wall_s"] + time.time() - t0, best=best, test_top1=acc,
-                                 train_files=files_digest(train_store.paths))
-        record = meter.record()
-        runs.broadcast_buffers(net)
-        if epoch + 1 == args.epochs or (epoch + 1) % args.eval_every == 0:
-            acc = classify_top1(model, test_store, backbone.input_size, runtime)
-            record["test_top1"] = round(acc, 2)
-            if best["test_top1"] is None or acc > best["test_top1"]:
-                best = dict(test_top1=round(acc, 2), epoch=epoch + 1)
-        log.record(record)
-        runs.check_finite_weights(net, epoch + 1)
-        wall = start["wall_s"] + time.time() - t0
-        stage = stage_record(args.command, backbone, args.epochs, wall, macs)
-        save_epoch(args, runtime, state, backbone, epoch + 1, wall, stages + [stage], train_store,
-                   best=best, test_top1=acc)
-    interrupt.restore()
-    wall = start["wall_s"] + time.time() - t0
+    with runs.Interrupt(repeat_stops=not runtime.distributed) as interrupt:
+        for epoch in range(start["epoch"], args.epochs):
+            order = epoch_order(args.seed, epoch, n, generator, runtime.device)
+            meter = runs.epoch_meter(start, epoch, generator, epochs=args.epochs, steps=steps,
+                                     batch_size=bs, images=n, print_freq=args.print_freq,
+                                     device=runtime.device)
+            net.train()
+            for module in frozen_bn:
+                module.eval()
+            for step in range(meter.first_step, steps):
+                lr = lr_at(epoch + step / steps, args.epochs, args.lr, steps=args.lr_steps)
+                set_lr(state.optimizer, lr)
+                idx = order[step * bs:(step + 1) * bs]  # the batch, of all processes
+                x, y = classifier_batch(train_store, idx, generator, runtime=runtime,
+                                        input_size=backbone.input_size)
+                with runtime.autocast():
+                    loss = classifier_loss(trained, x, y, mixup_alpha)
+                state.optimizer.zero_grad(set_to_none=True)
+                state.scaler.scale(loss).backward()
+                state.scaler.step(state.optimizer)
+                state.scaler.update()
+                if meter.add(step, loss, lr, stop=interrupt.requested):
+                    save_epoch(args, runtime, state, backbone, meter.epoch, time.time() - t0,
+                               stages, train_store, best=best, test_top1=acc,
+                               **runs.interrupted_epoch(meter, generator))
+                    runs.stop_interrupted(meter, args.save_dir)
+            record = meter.record()
+            runs.broadcast_buffers(net)
+            if due(epoch, args.epochs, args.eval_every):
+                acc = classify_top1(model, test_store, backbone.input_size, runtime)
+                record["test_top1"] = round(acc, 2)
+                best = best_top1(best, acc, epoch)
+            log.record(record)
+            runs.check_finite_weights(net, epoch + 1)
+            wall = time.time() - t0
+            stage = stage_record(args.command, backbone, args.epochs, wall, macs)
+            save_epoch(args, runtime, state, backbone, epoch + 1, wall, stages + [stage],
+                       train_store, best=best, test_top1=acc)
+    wall = time.time() - t0
     stage = stage_record(args.command, backbone, args.epochs, wall, macs)
     return finish_supervised(args, log, runtime, backbone, acc, best, wall, stages + [stage])
 
 
+def classifier_loss(model, x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = None):
+    """Cross-entropy of model(x) against labels y (n,), in fp32; with mixup_alpha, mixup with one
+    lambda per batch (paper map: fine-tuning with mixup) within this process's share."""
+    if mixup_alpha is None:
+        return F.cross_entropy(model(x).float(), y)
+    x, y_a, y_b, lam = s3l.mixup(x, y, mixup_alpha)
+    return s3l.mixup_loss(model(x).float(), y_a, y_b, lam)
+
+
+def classifier_batch(train_store: data.ImageStore, idx: torch.Tensor, generator, runtime,
+                     input_size: int):
+    """This process's share of the supervised batch `idx` (of all processes) as the official train
+    transform makes it (Resize -> RandomCrop + flip; paper map: fine-tuning), and its labels.
+    The crops of the whole batch are drawn, as in train_ssl: the same views for any number of
+    processes. Returns (x (n, 3, input_size, input_size) as the model wants it, y (n,))."""
+    mine = runtime.share(idx)
+    images, _ = train_store.batch(mine, runtime.device)
+    crops = data.finetune_train_params(train_store.sizes[idx], input_size, generator)
+    x = data.finetune_train_view(images, runtime.share(crops), input_size,
+                                 dtype=runtime.resample_dtype)
+    return runtime.prepare(x), train_store.labels[mine]
+
+
+def best_top1(best: dict, acc: float, epoch: int) -> dict:
+    """The best test top-1 so far and its epoch, after top-1 `acc` in epoch `epoch` (from 0): the
+    number the official fine-tuning code reports (paper map), logged beside the final-epoch one and
+    labelled as chosen on the test split."""
+    if best["test_top1"] is None or acc > best["test_top1"]:
+        return dict(test_top1=round(acc, 2), epoch=epoch + 1)
+    return best
+
+
 def start_supervised(args, runtime, backbone: Backbone, net, params, train_store):
     """A supervised run's log, optimizer state and best/last top-1, fresh or from --resume.
-    Returns (resumed checkpoint or None, log, state, best, acc)."""
-    resumed = resume_checkpoint(args)
+    Returns (where the loop starts: runs.resume_point, log, state, best, acc)."""
+    resumed = runs.resume_checkpoint(args.resume, args.command)
     if resumed:
-        check_resume(args, resumed, train_store.paths, runtime)
+        runs.check_resume(args.resume, resumed, vars(args), train_store.paths,
+                          world_size=runtime.world_size, force=args.force_resume)
     log = run_log(args, runtime, backbone, resumed)
     state = runs.TrainState(net, runtime.sgd(params, args.lr, args.momentum, args.weight_decay),
                             runtime.scaler())
     if not resumed:
-        return None, log, state, dict(test_top1=None, epoch=None), None
+        return runs.resume_point(None), log, state, dict(test_top1=None, epoch=None), None
     state.resume(resumed)
-    return resumed, log, state, resumed["best"], resumed["test_top1"]
+    return runs.resume_point(resumed), log, state, resumed["best"], resumed["test_top1"]
 
 
 def save_epoch(args, runtime, state: runs.TrainState, backbone: Backbone, epoch: int, wall: float,
                stages: list, train_store, **extra) -> None:
-    """checkpoint.pt after a finished epoch (rank 0 only), with what --resume checks."""
+    """checkpoint.pt (rank 0 only) after a finished epoch, or inside an interrupted one (extra:
+    runs.interrupted_epoch), with what --resume checks."""
     if runtime.is_main:
         checkpoint = state.checkpoint(args.command, vars(args), asdict(backbone), epoch, wall,
                                       stages, world_size=runtime.world_size,
-                                      train_files=files_digest(train_store.paths), **extra)
+                                      train_files=runs.files_digest(train_store.paths), **extra)
         runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
 
 
@@ -1193,8 +925,7 @@ def linear_on_cached_features(args, runtime, backbone: Backbone, net, train_stor
             loss_sum += loss.detach()
         with torch.no_grad():
             acc = 100.0 * (net.fc(feats[1]).argmax(1) == test_store.labels).float().mean().item()
-        if best["test_top1"] is None or acc > best["test_top1"]:
-            best = dict(test_top1=round(acc, 2), epoch=epoch + 1)
+        best = best_top1(best, acc, epoch)
         log.record(dict(epoch=epoch + 1, loss=loss_sum.item() / math.ceil(n / bs), lr=lr,
                         test_top1=round(acc, 2)))
     wall = time.time() - t0
@@ -1268,8 +999,10 @@ def default_job(job=DEFAULT_JOB) -> None:
     summary = run_command(args)
     runtime = runtime_for(args)
     backbone = resolve_backbone(args)
-    bank = load_store(args, "train", args.input_size, runtime, min_crop_scale=args.crop_scale[0])
-    queries = load_store(args, "test", args.input_size, runtime)
+    store = store_args(args, runtime)
+    bank = data.load_store(args.data, "train", args.input_size, min_crop_scale=args.crop_scale[0],
+                           **store)
+    queries = data.load_store(args.data, "test", args.input_size, **store)
     torch.manual_seed(args.seed)  # the very initialisation the pretraining started from
     before = knn_eval(runtime.place(backbone.build()), bank, queries, args.input_size, runtime,
                       args.knn_k, args.knn_t)
