@@ -167,13 +167,20 @@ def subset_indices(labels, spec: str, seed: int) -> list:
     ImageNet subsets were unseeded).
 
     spec: "per-class=N" (N per class), "total=N" (N uniformly at random), "classes=C,total=N" (C
-    random classes, N/C images each). labels: list of ints (None allowed only for total=N).
+    random classes, N/C images each), "fraction=F" (that fraction of every class, at least one image;
+    of the whole split when it is unlabeled). labels: list of ints (None: total=N or fraction=F).
     """
     g = torch.Generator().manual_seed(seed)
     fields = dict(part.split("=", 1) for part in spec.replace(" ", "").split(",") if "=" in part)
-    if not fields or set(fields) - {"per-class", "total", "classes"}:
-        raise ValueError(f"--subset '{spec}': expected per-class=N, total=N or classes=C,total=N")
+    if not fields or set(fields) - {"per-class", "total", "classes", "fraction"}:
+        raise ValueError(f"--subset '{spec}': expected per-class=N, total=N, classes=C,total=N or "
+                         "fraction=F")
     n_items = len(labels) if labels is not None else 0
+    fraction = float(fields.get("fraction", 1))
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--subset '{spec}': the fraction must lie in (0, 1]")
+    if labels is None and set(fields) == {"fraction"}:
+        fields = {"total": str(max(1, round(fraction * n_items)))}
     if set(fields) == {"total"}:
         total = int(fields["total"])
         if total > n_items:
@@ -192,10 +199,12 @@ def subset_indices(labels, spec: str, seed: int) -> list:
         classes = sorted(classes[i] for i in torch.randperm(len(classes), generator=g)[:n_classes])
         per_class = total // n_classes
     else:
-        per_class = int(fields["per-class"])
+        per_class = int(fields.get("per-class", 0))
     chosen = []
     for y in classes:
         members = by_class[y]
+        if "fraction" in fields:
+            per_class = max(1, round(fraction * len(members)))
         if per_class > len(members):
             raise ValueError(f"--subset '{spec}': class {y} has only {len(members)} images")
         chosen += [members[i] for i in torch.randperm(len(members), generator=g)[:per_class]]

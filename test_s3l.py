@@ -27,6 +27,7 @@ import data
 import models
 import runs
 import s3l
+import study
 import train
 
 
@@ -1486,3 +1487,68 @@ def test_the_pieces_the_readme_names_run_copied_into_a_module_alone(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0 and "pieces ok []" in out.stdout, out.stderr[-2000:]
     assert len(rows) == 4
+
+
+# ----- the study: grids of commands, cost accounting, report (study.py) ---------------------------
+
+def study_argv(root, tmp, *extra):
+    return ["--data", root, "--full-size", "64", "--epochs", "1", "--eval", "knn", "--arch",
+            "resnet18", "--batch-size", "8", "--moco-k", "16", "--bn-batch", "4", "--print-freq",
+            "1", "--cache-dir", str(tmp / "cache"), "--save-dir", str(tmp / "study"), *extra]
+
+
+def test_a_tiny_study_reports_a_quarter_of_the_flops_at_half_size_and_reuses_finished_arms(tmp_path):
+    """Two arms of the resolution grid and one failing arm of the data grid, one epoch each: the
+    report and plots exist; half resolution costs a quarter of the PFLOPs (2 x MACs x 4 passes x
+    images, MoCo); the failing arm is recorded with its error while the others finish; a second run
+    trains nothing it already has, and other settings are refused."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8, size=(80, 64))
+    make_folder(tmp_path / "data", classes=2, per_class=4, size=(80, 64), split="val")
+    argv = study_argv(root, tmp_path, "--grid", "resolution,data", "--subsets", "total=1000",
+                      "--arms", "full-64,half-32,total-1000-32")
+    first = study.main(argv)
+    folder = tmp_path / "study"
+    for name in ("results.md", "results.json", "compute_knn.png", "loss.png", "knn.png"):
+        assert (folder / name).exists(), f"the study wrote no {name}"
+    assert Image.open(folder / "compute_knn.png").size == (900, 520)
+    results = json.loads((folder / "results.json").read_text())
+    rows = {r["arm"]: r for r in results["arms"]}
+    full, half = rows["full-64"]["pretrain_pflops"], rows["half-32"]["pretrain_pflops"]
+    macs = models.macs(models.resnet18(num_classes=0), 64)
+    assert full == pytest.approx(2 * macs * 4 * 16 / 1e15, rel=1e-3), "PFLOPs not 2 x MACs x passes"
+    assert half / full == pytest.approx(0.25, rel=0.05), f"half-size PFLOPs are {half / full:.3f} x"
+    assert rows["full-64"]["knn"][0] is not None and rows["half-32"]["knn"][0] is not None
+    failed = [r for r in results["runs"] if r["arm"] == "total-1000-32"][0]
+    assert failed["status"] == "failed" and "larger than the split" in failed["errors"]["pretrain"]
+    assert "total-1000-32 failed" in (folder / "results.md").read_text()
+    summaries = sorted(folder.glob("steps/*/summary.json"))
+    assert first["steps_run"] == len(summaries) == 4  # 2 pretraining + 2 kNN; the failure has none
+    stamps = [p.stat().st_mtime_ns for p in summaries]
+    again = study.main(argv)
+    assert again["steps_run"] == 0, "a second run trained again"
+    assert [p.stat().st_mtime_ns for p in summaries] == stamps
+    with pytest.raises(SystemExit, match="other settings"):
+        study.main(study_argv(root, tmp_path, "--grid", "resolution", "--arms", "full-64",
+                              "--epochs", "2"))
+
+
+def test_study_flags_go_to_the_stages_that_take_them_and_the_rest_are_refused():
+    """--arch reaches every stage, --lr the trained ones, --moco-k only pretraining; a flag no stage
+    knows, or one the study sets per arm, is an error naming it."""
+    stages = study.forwarded_args(["--arch", "resnet18", "--lr", "0.1", "--moco-k", "64"])
+    assert all("--arch" in stages[s] for s in study.STAGES)
+    assert "--lr" in stages["finetune"] and "--lr" not in stages["knn"]
+    assert stages["pretrain"][-2:] == ["--moco-k", "64"] and "--moco-k" not in stages["finetune"]
+    with pytest.raises(SystemExit, match="--no-such-flag"):
+        study.forwarded_args(["--no-such-flag", "1"])
+    with pytest.raises(SystemExit, match="--input-size is set by the study"):
+        study.forwarded_args(["--input-size", "32"])
+
+
+def test_a_fraction_subset_takes_that_share_of_every_class():
+    labels = [0] * 10 + [1] * 4
+    chosen = data.subset_indices(labels, "fraction=0.5", seed=0)
+    assert sum(labels[i] == 0 for i in chosen) == 5 and sum(labels[i] == 1 for i in chosen) == 2
+    assert chosen == data.subset_indices(labels, "fraction=0.5", seed=0)  # seeded
+    with pytest.raises(ValueError, match="fraction"):
+        data.subset_indices(labels, "fraction=1.5", seed=0)

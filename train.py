@@ -6,6 +6,7 @@
   python train.py finetune ...         the whole network with mixup, 224 px by default
   python train.py linear | knn ...     evaluations of frozen features
   python train.py export CKPT OUT.pt   the backbone as a plain state_dict with torchvision names
+  python train.py study --data DIR     the paper's comparisons: grids of the above, table and plots
   torchrun --nproc_per_node N train.py pretrain ...   any training command on N GPUs (DDP)
 
 README.md's "Paper map" says which paper section and official script each stage reproduces.
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "backbone as a plain state_dict with torchvision ResNet names, no fc")
     p.add_argument("checkpoint")
     p.add_argument("out")
+    commands.add_parser("study", help="the paper's comparisons (resolution, architecture, data, "
+                        "method) in one command, with cost accounting, a table and plots; see "
+                        "train.py study --help")
     return parser
 
 
@@ -204,8 +208,9 @@ def add_data_args(p):
                    "layout) or a folder of class folders or of images; default: built-in shapes")
     p.add_argument("--train-split", default="train", help="split to train on ('train+val': both)")
     p.add_argument("--test-split", help="split to evaluate on (default: val if present, else test)")
-    p.add_argument("--subset", help="small data, seeded by --seed: per-class=N, total=N or "
-                   "classes=C,total=N of the train split; files listed in subset.txt")
+    p.add_argument("--subset", help="small data, seeded by --seed: per-class=N, total=N, "
+                   "classes=C,total=N or fraction=F of the train split; files listed in "
+                   "subset.txt")
     p.add_argument("--store-size", type=number(int, 8), help="shorter side of the decoded images "
                    "in px, trading fidelity for memory (default: pretraining input / sqrt(min "
                    "crop scale), so crops are not enlarged; other stages input x 8/7, as "
@@ -496,10 +501,11 @@ def run_log(args, runtime: runs.Runtime, backbone: Backbone, resumed=None) -> ru
 
 def stage_record(command: str, backbone: Backbone, epochs: int, wall_s: float, macs: int,
                  **extra) -> dict:
-    """One stage of the pipeline for cost accounting: what ran, how long, forward MACs per image
-    of the backbone (models.macs)."""
-    return dict(command=command, input_size=backbone.input_size, epochs=epochs,
-                wall_s=round(wall_s, 1), macs_per_image=macs, **extra)
+    """One stage of the pipeline for cost accounting (study.stage_pflops): what ran on which
+    backbone, how long, forward MACs per image of the backbone (models.macs); extra holds
+    images_per_epoch, the images trained per epoch."""
+    return dict(command=command, **asdict(backbone), epochs=epochs, wall_s=round(wall_s, 1),
+                macs_per_image=macs, **extra)
 
 
 # ----- evaluation ---------------------------------------------------------------------------------
@@ -637,7 +643,7 @@ def pretrain(args) -> dict:
     n_images = (args.epochs - start["epoch"]) * steps * args.batch_size
     macs = models.macs(backbone.build(), backbone.input_size)
     stage = stage_record("pretrain", backbone, args.epochs, wall, macs, method=args.method,
-                         images=len(train_store))
+                         images=len(train_store), images_per_epoch=steps * args.batch_size)
     summary = dict(command="pretrain", method=args.method, **asdict(backbone), epochs=args.epochs,
                    final_loss=record.get("loss"), knn_top1=knn, wall_s=round(wall, 1),
                    macs_per_image=macs, images_per_s=round(n_images / (time.time() - t0), 1),
@@ -691,8 +697,13 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
                 scaler.step(optimizer)
                 scaler.update()
                 if meter.add(step, loss, lr, stop=interrupt.requested):
+                    # this stage's record too: --resume drops the last one and writes it anew
+                    stage = stage_record("pretrain", backbone, args.epochs, time.time() - t0, macs,
+                                         method=args.method, images=n,
+                                         images_per_epoch=steps * bs)
                     save_epoch(args, runtime, state, backbone, meter.epoch, time.time() - t0,
-                               stages, train_store, **runs.interrupted_epoch(meter, generator))
+                               stages + [stage], train_store,
+                               **runs.interrupted_epoch(meter, generator))
                     runs.stop_interrupted(meter, args.save_dir)
             record = meter.record()
             runs.broadcast_buffers(method)  # rank 0's BN statistics: what is saved and evaluated
@@ -704,7 +715,7 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
             runs.check_finite_weights(method, epoch + 1)
             wall = time.time() - t0
             stage = stage_record("pretrain", backbone, args.epochs, wall, macs,
-                                 method=args.method, images=n)
+                                 method=args.method, images=n, images_per_epoch=steps * bs)
             save_epoch(args, runtime, state, backbone, epoch + 1, wall, stages + [stage],
                        train_store)
     return record, knn
@@ -834,11 +845,13 @@ def train_classifier(args, runtime, backbone: Backbone, net, model, params, trai
             log.record(record)
             runs.check_finite_weights(net, epoch + 1)
             wall = time.time() - t0
-            stage = stage_record(args.command, backbone, args.epochs, wall, macs)
+            stage = stage_record(args.command, backbone, args.epochs, wall, macs,
+                                 images_per_epoch=min(n, steps * bs))
             save_epoch(args, runtime, state, backbone, epoch + 1, wall, stages + [stage],
                        train_store, best=best, test_top1=acc)
     wall = time.time() - t0
-    stage = stage_record(args.command, backbone, args.epochs, wall, macs)
+    stage = stage_record(args.command, backbone, args.epochs, wall, macs,
+                         images_per_epoch=min(n, steps * bs))
     return finish_supervised(args, log, runtime, backbone, acc, best, wall, stages + [stage])
 
 
@@ -930,7 +943,8 @@ def linear_on_cached_features(args, runtime, backbone: Backbone, net, train_stor
                         test_top1=round(acc, 2)))
     wall = time.time() - t0
     macs = models.macs(backbone.build(), backbone.input_size)
-    stage = stage_record(args.command, backbone, args.epochs, wall, macs)
+    stage = stage_record(args.command, backbone, args.epochs, wall, macs, images_per_epoch=n,
+                         cached_features=True)
     if runtime.is_main:  # every process trained the same fc on the same gathered features
         runs.save_checkpoint(os.path.join(args.save_dir, "checkpoint.pt"), dict(
             format="s3l", kind=args.command, model=net.state_dict(), epoch=args.epochs,
@@ -1057,6 +1071,9 @@ def main(argv=None) -> None:
     with runs.torchrun_scope():  # torchrun: rank 0 prints; the group is left at the end
         if not argv:
             return default_job()
+        if argv[0] == "study":  # the study parses its own flags and passes the rest to the stages
+            import study  # here, not at the top: study.py imports this module
+            return study.main(argv[1:])
         args = parse_args(argv)
         if args.command is None:
             return build_parser().print_help()
