@@ -5,12 +5,12 @@
 Cao & Wu's claim is a trade-off: accuracy against training cost as self-supervised pretraining is
 scaled down in resolution, architecture and data (README.md's "Paper map"). A study runs each *arm*
 of a grid -- a chain of train.py commands: the pretraining stage(s), the conv5 warm-up where the
-architecture needs it, then the evaluations -- once per seed, each command in its own run folder, and
-writes results.md, results.json and PNG plots. A finished command is never run again (a killed study
-continues where it stopped); a failed one marks its arm as failed and the study goes on.
+architecture needs it, then the evaluations -- once per seed, each command in its own run folder,
+and writes results.md, results.json and PNG plots. A finished command is never run again (a killed
+study continues where it stopped); a failed one marks its arm as failed and the study goes on.
 
-Reading order: the grids (arms), an arm's commands, running them, cost accounting (PFLOPs from MACs x
-passes), the report, the plots, the command line. Plotting uses pillow only.
+Reading order: the grids (arms), an arm's commands, running them, cost accounting (PFLOPs from
+MACs x passes), the report, the plots, the command line. Plotting uses pillow only.
 """
 import argparse
 import functools
@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -116,7 +117,8 @@ def arm_steps(arm: Arm, seed: int, s: dict, epochs: list) -> tuple:
     pretrain, previous = [], None
     for flags, n in zip(arm.pretrain, epochs):
         argv = ["pretrain", *common, *(["--epochs", str(n)] if n else []), *flags,
-                *(["--init-from", previous.checkpoint] if previous else []), *s["stage_args"]["pretrain"]]
+                *(["--init-from", previous.checkpoint] if previous else []),
+                *s["stage_args"]["pretrain"]]
         previous = make_step(s["save_dir"], "pretrain", argv)
         pretrain.append(previous)
     full = ["--input-size", str(s["full_size"])]
@@ -128,9 +130,9 @@ def arm_steps(arm: Arm, seed: int, s: dict, epochs: list) -> tuple:
                 "warmup-conv5", *common, *full, "--pretrained", previous.checkpoint,
                 *s["stage_args"]["warmup-conv5"]])
             chain.append(source)
+        epochs = ["--epochs", str(s["eval_epochs"])] if s["eval_epochs"] and kind != "knn" else []
         argv = [kind, *common, *full, *(["--pretrained", source.checkpoint] if source else []),
-                *(["--epochs", str(s["eval_epochs"])] if s["eval_epochs"] and kind != "knn" else []),
-                *s["stage_args"][kind]]
+                *epochs, *s["stage_args"][kind]]
         chain.append(make_step(s["save_dir"], kind, argv))
         evals[kind] = chain
     return pretrain, evals
@@ -161,7 +163,8 @@ def pretrain_pflops_per_epoch(argv: list) -> float:
     if args.subset:
         n = len(data.subset_indices(listing.labels, args.subset, args.seed))
     images = n // args.batch_size * args.batch_size
-    return 2 * models.macs(backbone.build(), backbone.input_size) * PASSES[args.method] * images / 1e15
+    macs = models.macs(backbone.build(), backbone.input_size)
+    return 2 * macs * PASSES[args.method] * images / 1e15
 
 
 # ----- running the steps ------------------------------------------------------------------------
@@ -182,16 +185,28 @@ def run_step(step: Step, launcher: list) -> dict:
     os.makedirs(step.folder, exist_ok=True)
     with open(os.path.join(step.folder, "command.txt"), "w") as f:
         f.write(shlex.join(["python", "train.py", *step.argv, "--save-dir", step.folder]) + "\n")
-    argv = [*launcher, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
-            *step.argv, "--save-dir", step.folder, *(["--resume", step.checkpoint] if resume else [])]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    argv = [*launcher, script, *step.argv, "--save-dir", step.folder,
+            *(["--resume", step.checkpoint] if resume else [])]
     print(f"  {'resume' if resume else 'run'} {step.kind}: {step.folder}/output.txt", flush=True)
     with open(os.path.join(step.folder, "output.txt"), "a") as out:
-        status = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
-    if status == 130:  # Ctrl-C reached the child too: it saved its step; so does the study
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        # SIGTERM to the study is passed on; Ctrl-C reaches the child by itself. Either way the
+        # child ends its step, saves a checkpoint and exits 130, and the study waits for that
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+        try:
+            try:
+                status = child.wait()
+            except KeyboardInterrupt:
+                status = child.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if status == 130:  # the command was interrupted and saved its step: so does the study
         raise KeyboardInterrupt
     if status != 0 or not os.path.exists(summary_path):
         with open(os.path.join(step.folder, "output.txt"), errors="replace") as f:
-            lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+            lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines()
+                     if line.strip()]
         raise StepFailed(f"{step.kind} exited with status {status}: " + " | ".join(lines[-3:]))
     with open(summary_path) as f:
         return dict(json.load(f), reused=False)
@@ -292,7 +307,8 @@ def mean_std(values: list) -> tuple:
 
 def summarise(records: list, evals: list) -> list:
     """One row per arm over its seeds: accuracy mean +- std per evaluation, pretraining PFLOPs and
-    minutes, evaluation minutes, pretraining images/s, and the failures."""
+    minutes, the PFLOPs of all its training (warm-up and fine-tuning too), evaluation minutes,
+    pretraining images/s, and the failures."""
     rows = {}
     for r in records:
         rows.setdefault((r["grid"], r["arm"]), []).append(r)
@@ -310,6 +326,7 @@ def summarise(records: list, evals: list) -> list:
         row["pretrain_pflops"] = mean_std([sum(st["pflops"] for st in p) for p in pre])[0]
         row["pretrain_min"] = mean_std([sum(st["wall_s"] or 0 for st in p) / 60 for p in pre])[0]
         row["eval_min"] = mean_std([sum(st["wall_s"] or 0 for st in p) / 60 for p in rest])[0]
+        row["total_pflops"] = mean_std([sum(st["pflops"] for st in r["steps"]) for r in ok])[0]
         row["images_per_s"] = mean_std([p[0]["images_per_s"] for p in pre if p])[0]
         out.append(row)
     return out
@@ -319,12 +336,13 @@ def results_markdown(rows: list, evals: list, records: list, settings: dict) -> 
     """results.md: one table per grid (arms as rows), the best of each column in bold (highest
     accuracy, least cost), failures, and every arm's commands."""
     lines = [f"# S3L study on {settings['data']}", "",
-             f"Final-epoch top-1 (%), mean ± sample std over the seeds that finished; evaluated at "
-             f"{settings['full_size']} px. PFLOPs = 2 × MACs × backbone passes × images trained "
-             f"(study.py's PASSES). Device: {devices(records)}.", ""]
+             "Final-epoch top-1 (%), mean ± sample std over the seeds that finished; evaluated "
+             f"at {settings['full_size']} px. PFLOPs = 2 × MACs × backbone passes × images "
+             f"trained (study.py's PASSES). Device: {devices(records)}.", ""]
     columns = [(k, f"{k} top-1 %", max) for k in evals] + [
-        ("pretrain_pflops", "pretrain PFLOPs", min), ("pretrain_min", "pretrain min", min),
-        ("eval_min", "eval min", min), ("images_per_s", "pretrain img/s", max)]
+        ("pretrain_pflops", "pretrain PFLOPs", min), ("total_pflops", "all training PFLOPs", min),
+        ("pretrain_min", "pretrain min", min), ("eval_min", "eval min", min),
+        ("images_per_s", "pretrain img/s", max)]
     for grid in dict.fromkeys(r["grid"] for r in rows):
         mine = [r for r in rows if r["grid"] == grid]
         lines += [f"## {grid}", "", "| arm | " + " | ".join(c[1] for c in columns) + " |",
@@ -361,7 +379,7 @@ def cell_text(row: dict, key: str) -> str:
         return f"{mean:.2f} ± {std:.2f}" if row[f"{key}_n"] > 1 else f"{mean:.2f}"
     if value is None:
         return "—"
-    return f"{value:.4g}" if key == "pretrain_pflops" else f"{value:.1f}"
+    return f"{value:.4g}" if key.endswith("pflops") else f"{value:.1f}"
 
 
 def devices(records: list) -> str:
@@ -376,7 +394,7 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list:
-    """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
+    """About `count` round tick values (1, 2 or 5 x a power of ten apart) covering [low, high]."""
     if high <= low:
         high = low + 1
     raw = (high - low) / count
@@ -388,7 +406,8 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list:
 
 def plot(path: str, series: list, xlabel: str, ylabel: str, title: str, x_from=None) -> None:
     """A PNG chart with axes, ticks, axis labels, a title and a legend. series: dicts with label,
-    x, y (lists), optional yerr (error bars) and lines (join the points; default: markers only).
+    x, y (lists), optional yerr (error bars) and lines (join the points; default: markers only);
+    series with the same label share a colour and a legend entry (the seeds of one arm).
     x_from: where the x axis starts (0 for costs, so distances read as ratios; None: the data)."""
     font = ImageFont.load_default(size=13)
 
@@ -423,8 +442,9 @@ def plot(path: str, series: list, xlabel: str, ylabel: str, title: str, x_from=N
     label = Image.new("RGB", (x1 - x0 + 4, y1 - y0 + 4), "white")  # drawn flat, then turned
     ImageDraw.Draw(label).text((2 - x0, 2 - y0), ylabel, fill="black", font=font)
     img.paste(label.rotate(90, expand=True), (8, int((top + h - bottom) / 2 - label.width / 2)))
-    for i, s in enumerate(series):
-        colour = COLOURS[i % len(COLOURS)]
+    labels = list(dict.fromkeys(s["label"] for s in series))  # one colour and legend entry each
+    for s in series:
+        colour = COLOURS[labels.index(s["label"]) % len(COLOURS)]
         points = [px(x, y) for x, y in zip(s["x"], s["y"])]
         if s.get("lines") and len(points) > 1:
             draw.line(points, fill=colour, width=2)
@@ -432,9 +452,11 @@ def plot(path: str, series: list, xlabel: str, ylabel: str, title: str, x_from=N
             bar = e / (yt[-1] - yt[0]) * (h - top - bottom)
             draw.line([(x, y - bar), (x, y + bar)], fill=colour, width=2)
             draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+    for i, label in enumerate(labels):
         ly = top + 10 + 18 * i
-        draw.rectangle([w - right + 15, ly - 5, w - right + 25, ly + 5], fill=colour)
-        text((w - right + 32, ly), s["label"], "lm")
+        draw.rectangle([w - right + 15, ly - 5, w - right + 25, ly + 5],
+                       fill=COLOURS[i % len(COLOURS)])
+        text((w - right + 32, ly), label, "lm")
     img.save(path)
 
 
@@ -443,23 +465,31 @@ def draw_plots(folder: str, rows: list, records: list, evals: list) -> list:
     spread; loss.png and knn.png: the pretraining curves of every arm and seed."""
     paths = []
     for kind in evals:
-        series = [dict(label=f"{r['grid']}/{r['arm']}", x=[r["pretrain_pflops"] or 0.0],  # scratch: 0
+        # the from-scratch baseline sits at 0 PFLOPs of pretraining
+        series = [dict(label=f"{r['grid']}/{r['arm']}", x=[r["pretrain_pflops"] or 0.0],
                        y=[r[kind][0]], yerr=[r[kind][1]]) for r in rows if r[kind][0] is not None]
         paths.append(os.path.join(folder, f"compute_{kind}.png"))
         plot(paths[-1], series, "pretraining compute (PFLOPs)", f"{kind} top-1 (%)",
              f"{kind} top-1 against pretraining compute (mean ± std over seeds)", x_from=0)
+    names = {}  # arms that share their pretraining (half-32 and conv5-32, say) are one curve
+    for r in records:
+        shared = tuple(st["folder"] for st in r["steps"] if st["kind"] == "pretrain")
+        names.setdefault(shared, []).append(r["arm"])
     for key, ylabel in (("loss", "pretraining loss"), ("knn", "kNN monitor top-1 (%)")):
-        series = []
+        series, drawn = [], set()
         for r in records:
+            shared = tuple(st["folder"] for st in r["steps"] if st["kind"] == "pretrain")
             points = r.get("curves", {}).get(key) or []
             if key == "loss":
                 points = [[e + 1, v] for e, v in enumerate(points) if v is not None]
-            if points:
-                series.append(dict(label=f"{r['arm']} s{r['seed']}", x=[p[0] for p in points],
+            if points and shared not in drawn:
+                drawn.add(shared)
+                label = " = ".join(dict.fromkeys(names[shared]))
+                series.append(dict(label=label, x=[p[0] for p in points],
                                    y=[p[1] for p in points], lines=True))
         paths.append(os.path.join(folder, f"{key}.png"))
-        plot(paths[-1], series, "epoch (multi-stage: stages in a row)", ylabel,
-             f"{ylabel} per epoch of every arm")
+        plot(paths[-1], series, "epoch (multi-stage: the stages in a row)", ylabel,
+             f"{ylabel} per epoch, at each arm's pretraining size; a line per seed")
     return paths
 
 
@@ -484,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--small-size", type=train.number(int, 8), help="pretraining size of the "
                    "architecture, data and method grids (default: full / 2, the paper's 112)")
     p.add_argument("--method", choices=sorted(train.METHOD_DEFAULTS), default="moco",
-                   help="pretraining method outside the method grid (MoCo v2: the paper's main one)")
+                   help="pretraining method outside the method grid (MoCo v2: the paper's main "
+                   "one)")
     p.add_argument("--epochs", type=train.number(int, 1), help="pretraining epochs of every arm "
                    "(default: the method's)")
     p.add_argument("--stage2-epochs", type=train.number(int, 1), help="epochs at full size after "
@@ -509,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def forwarded_args(extra: list) -> dict:
     """The command line's other flags, given to each stage that accepts them: {stage: argv}."""
-    groups, flag = [], None
+    groups = []
     for token in extra:
         if token.startswith("--"):
             groups.append([token])
@@ -621,7 +652,8 @@ def main(argv: list) -> dict:
                 print(f"  {r['status']}: " + ", ".join(f"{k} {v:.2f}%" for k, v in
                                                       r["accuracy"].items())
                       + "".join(f" [{k} failed: {e}]" for k, e in r["errors"].items()), flush=True)
-                rows, plots = write_report(s, records)  # after every arm: a killed study has its table
+                # after every arm, so that a killed study still has its table
+                rows, plots = write_report(s, records)
     except KeyboardInterrupt:
         raise SystemExit(f"study interrupted: the same command continues it "
                          f"(finished steps are kept in {s['save_dir']}/steps)") from None
@@ -637,7 +669,8 @@ def main(argv: list) -> dict:
 def write_report(s: dict, records: list) -> tuple:
     """results.json, results.md and the plots of the arms run so far: (rows, plot paths)."""
     rows = summarise(records, s["eval"])
-    save_json(os.path.join(s["save_dir"], "results.json"), dict(settings=s, arms=rows, runs=records))
+    save_json(os.path.join(s["save_dir"], "results.json"),
+              dict(settings=s, arms=rows, runs=records))
     with open(os.path.join(s["save_dir"], "results.md"), "w") as f:
         f.write(results_markdown(rows, s["eval"], records, s))
     return rows, draw_plots(s["save_dir"], rows, records, s["eval"])

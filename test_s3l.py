@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -1552,3 +1553,47 @@ def test_a_fraction_subset_takes_that_share_of_every_class():
     assert chosen == data.subset_indices(labels, "fraction=0.5", seed=0)  # seeded
     with pytest.raises(ValueError, match="fraction"):
         data.subset_indices(labels, "fraction=1.5", seed=0)
+
+
+def test_a_study_stopped_by_sigterm_resumes_the_stopped_command_on_the_next_run(tmp_path, capsys):
+    """SIGTERM to the study reaches the running command, which saves its step; the study exits
+    non-zero saying how to continue; the same command line resumes that command from its checkpoint
+    (each epoch logged once) and finishes the arm."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=16, size=(80, 64))
+    make_folder(tmp_path / "data", classes=2, per_class=4, size=(80, 64), split="val")
+    argv = study_argv(root, tmp_path, "--grid", "resolution", "--arms", "half-32", "--epochs", "3")
+    child = run_child(["study", *argv], cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the pretraining command trains
+        logs = list((tmp_path / "study" / "steps").glob("pretrain-*/output.txt"))
+        if logs and "step 2/" in logs[0].read_text():
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    out = child.communicate(timeout=120)[0]
+    assert child.returncode not in (0, None) and "the same command continues it" in out, out
+    assert "step" in torch.load(logs[0].parent / "checkpoint.pt", weights_only=True)
+    result = study.main(argv)
+    assert "resume pretrain" in capsys.readouterr().out
+    assert result["records"][0]["status"] == "ok"
+    epochs = [json.loads(line)["epoch"] for line in open(logs[0].parent / "log.jsonl")]
+    assert epochs == [1, 2, 3]
+
+
+def test_an_equal_compute_budget_gives_each_arm_the_epochs_that_cost_it(tmp_path):
+    """--budget-pflops X: the half-size arm gets 4x the full-size arm's epochs, and the multi-stage
+    arm's two stages together cost X to within one epoch."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8, size=(80, 64))
+    s = study.resolve(study_argv(root, tmp_path, "--budget-pflops", "1e-3", "--stage2-epochs", "5"))
+    arms = {a.name: a for a in study.grid_arms("resolution", s)}
+
+    def per_epoch(flags):
+        return study.pretrain_pflops_per_epoch(["pretrain", "--data", root, *flags,
+                                                *s["stage_args"]["pretrain"]])
+    full, half = (study.budget_epochs(arms[n], s)[0] for n in ("full-64", "half-32"))
+    assert full == round(1e-3 / per_epoch(arms["full-64"].pretrain[0]))
+    assert half / full == pytest.approx(4, rel=0.05)
+    chained = arms["half-32-then-64"]
+    first = study.budget_epochs(chained, s)[0]
+    cost = first * per_epoch(chained.pretrain[0]) + 5 * per_epoch(chained.pretrain[1])
+    assert abs(cost - 1e-3) <= per_epoch(chained.pretrain[0])
