@@ -498,6 +498,7 @@ def draw_plots(folder: str, rows: list, records: list, evals: list) -> list:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py study", formatter_class=train.HelpFormatter,
+        allow_abbrev=False,  # --seed or --subset must not pass for --seeds or --subsets
         description="The paper's comparisons in one command: each arm of each grid is a chain of "
         "train.py commands (pretraining, the conv5 warm-up for the small architecture, the "
         "evaluations), run once per seed; results.md, results.json and PNG plots go to --save-dir. "

@@ -1544,6 +1544,8 @@ def test_study_flags_go_to_the_stages_that_take_them_and_the_rest_are_refused():
         study.forwarded_args(["--no-such-flag", "1"])
     with pytest.raises(SystemExit, match="--input-size is set by the study"):
         study.forwarded_args(["--input-size", "32"])
+    with pytest.raises(SystemExit, match="--seed is set by the study"):  # not taken for --seeds
+        study.resolve(["--data", "x", "--seed", "1"])
 
 
 def test_a_fraction_subset_takes_that_share_of_every_class():
