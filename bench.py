@@ -133,7 +133,7 @@ def make_method(args, name, runtime):
         settings["moco_k"] = max(bs, paper["moco_k"] // bs * bs)
     torch.manual_seed(0)
     backbone = models.ARCHS[args.arch](small_stem=args.small_stem)
-    method = runtime.place(train.build_method(name, backbone, settings))
+    method = runtime.place(s3l.build_method(name, backbone, settings))
     optimizer = runtime.sgd(method.parameters(), lr=paper["lr"], momentum=0.9,
                             weight_decay=paper["weight_decay"])
     model = torch.compile(method) if args.compile else method
@@ -221,7 +221,7 @@ def run(args) -> list:
         gap = (apply(x, params) - augment.apply(x, params)).abs().max().item()
         print(f"augmentation: max |view compiled - eager| on one batch = {gap:.2e}")
     rate = timed(our_views, args.warmup, args.steps, bs, dev)
-    rows.append(("augment", "s3l batched", rate))
+    measured(rows, "augment", "s3l batched", rate)
     rng = random.Random(0)
     pil_images = []
     for p in paths[:bs]:
@@ -229,10 +229,10 @@ def run(args) -> list:
             pil_images.append(im.convert("RGB"))
     rate = timed(lambda: [pil_view(im, args.input_size, rng) for im in pil_images for _ in (0, 1)],
                  1, max(1, args.steps // 4), bs, dev)
-    rows.append(("augment", "PIL per image", rate))
+    measured(rows, "augment", "PIL per image", rate)
     items = JpegTwoViews(paths, args.input_size)
     rate = timed(lambda: [items[i] for i in range(bs)], 1, max(1, args.steps // 4), bs, dev)
-    rows.append(("augment", "PIL decode+aug", rate))
+    measured(rows, "augment", "PIL decode+aug", rate)
 
     for name in args.methods:
         method, model, step = make_method(args, name, runtime)
@@ -242,7 +242,9 @@ def run(args) -> list:
             print(f"{name}: |loss compiled - eager| on one batch = "
                   f"{compile_gap(method, model, (r1, r2), runtime):.2e}")
         floor = timed(lambda: step(r1, r2), args.warmup, args.steps, bs, dev)
+        measured(rows, name, "floor", floor)
         ours = timed(lambda: step(*our_views()), args.warmup, args.steps, bs, dev)
+        measured(rows, name, "s3l", ours)
         loader = torch.utils.data.DataLoader(JpegTwoViews(paths, args.input_size), batch_size=bs,
                                              shuffle=True, num_workers=args.workers, drop_last=True,
                                              persistent_workers=args.workers > 0,
@@ -254,7 +256,7 @@ def run(args) -> list:
         conv = timed(conventional_step(loader, step, runtime), args.warmup + drain, args.steps,
                      bs, dev)
         del loader  # stops its workers: batches still in flight would slow the next rows
-        rows += [(name, "floor", floor), (name, "s3l", ours), (name, "conventional", conv)]
+        measured(rows, name, "conventional", conv)
         if args.profile and name == args.methods[0]:
             profile(lambda: step(*our_views()), runtime)
     print_table(rows)
@@ -285,6 +287,13 @@ def profile(step, runtime, n_steps: int = 3) -> None:
         sync(runtime.device)
     key = "self_cuda_time_total" if runtime.device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=40))
+
+
+def measured(rows: list, method: str, pipeline: str, rate: float) -> None:
+    """Keep a row and print it at once: a run stopped by a time limit still shows what it measured
+    (the table with the ratios comes at the end)."""
+    rows.append((method, pipeline, rate))
+    print(f"  {method:<10}{pipeline:<16}{rate:>10.1f} images/s", flush=True)
 
 
 def print_table(rows) -> None:

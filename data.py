@@ -167,8 +167,9 @@ def subset_indices(labels, spec: str, seed: int) -> list:
     ImageNet subsets were unseeded).
 
     spec: "per-class=N" (N per class), "total=N" (N uniformly at random), "classes=C,total=N" (C
-    random classes, N/C images each), "fraction=F" (that fraction of every class, at least one image;
-    of the whole split when it is unlabeled). labels: list of ints (None: total=N or fraction=F).
+    random classes, N/C images each), "fraction=F" (that fraction of every class, at least one
+    image; of the whole split when it is unlabeled). labels: list of ints (None: total=N or
+    fraction=F).
     """
     g = torch.Generator().manual_seed(seed)
     fields = dict(part.split("=", 1) for part in spec.replace(" ", "").split(",") if "=" in part)

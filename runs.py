@@ -14,8 +14,8 @@ paper (S3L, arXiv 2103.13559: every stage of its recipe is one such loop).
   records      RunLog (config.json, log.jsonl, summary.json: always valid JSON), EpochMeter (loss
                summed on the device, the progress line, non-finite losses caught), Interrupt
                (a context: SIGINT/SIGTERM end the current step, then the loop saves and exits)
-  resuming     files_digest, resume_checkpoint, check_resume, resume_point, epoch_meter,
-               interrupted_epoch, stop_interrupted (--resume continues a run exactly)
+  resuming     files_digest, resume_checkpoint, check_resume, resume_point, epoch_order,
+               epoch_meter, interrupted_epoch, stop_interrupted (--resume continues a run exactly)
 """
 import contextlib
 import hashlib
@@ -636,6 +636,16 @@ def resume_point(ckpt) -> dict:
         return dict(epoch=0, step=0, wall_s=0.0)
     return dict(epoch=ckpt["epoch"], step=ckpt.get("step", 0), wall_s=ckpt["wall_s"],
                 rng=ckpt.get("rng"), sums=ckpt.get("sums", (0.0, 0.0)))
+
+
+def epoch_order(seed: int, epoch: int, n: int, generator, device) -> torch.Tensor:
+    """Re-seed the epoch's random streams from (seed, epoch) and return its data order, (n,) on
+    `device`: a run resumed at an epoch boundary draws exactly what the uninterrupted run drew, with
+    no RNG state to carry in the checkpoint."""
+    s = seed * 1_000_003 + epoch
+    torch.manual_seed(s)  # the global RNG: MoCo's shuffle-BN, mixup
+    generator.manual_seed(s)  # the augmentation's
+    return torch.randperm(n, generator=torch.Generator().manual_seed(s)).to(device)
 
 
 def epoch_meter(start: dict, epoch: int, generator: torch.Generator, epochs: int, steps: int,

@@ -9,10 +9,12 @@ arXiv 2002.05709); MoCo (He et al. 2020, arXiv 1911.05722) and MoCo v2 (Chen et 
   losses   nt_xent, info_nce, byol_loss, momentum_update_  (fp32 even under autocast)
   ranks    rank_and_world_size, concat_all_gather, gather_with_grad  (no-ops in one process)
   heads    mlp, SplitBatchNorm, group_views, ungroup_views, split_batchnorm_
-  methods  SimCLR, MoCo, BYOL, METHODS  (each forward(view1, view2) -> loss: one loop trains all)
+  methods  SimCLR, MoCo, BYOL, METHODS, build_method  (each forward(view1, view2) -> loss: one
+           loop trains all)
   eval     knn_top1
-  recipe   backbone_state, infer_arch, load_backbone, freeze_all_but_conv5, mixup, mixup_loss
-           (small architecture: conv1-4 from SSL, a fresh conv5 warmed up; fine-tuning with mixup)
+  recipe   backbone_state, checkpoint_backbone, infer_arch, load_backbone, freeze_all_but_conv5,
+           mixup, mixup_loss, classifier_loss (small architecture: conv1-4 from SSL, a fresh conv5
+           warmed up; fine-tuning with mixup); set_lr, lr_at (warm-up, then cosine, or steps)
 
 Encoders are passed in (any module with `fc` and `forward_features`, e.g. models.resnet18()); this
 file does no file I/O and no printing. Several processes (torchrun + DDP) are optional: without an
@@ -20,6 +22,7 @@ initialised process group every method runs as one process, with per-"GPU" BN em
 SplitBatchNorm.
 """
 import copy
+import math
 
 import torch
 import torch.distributed as dist
@@ -95,7 +98,7 @@ def momentum_update_(target: nn.Module, online: nn.Module, m: float) -> None:
     torch._foreach_lerp_(target_params, online_params, 1.0 - m)
 
 
-# ----- several processes (torch.distributed): exact no-ops in one process ------------------------
+# ----- several processes (torch.distributed): exact no-ops in one process -------------------------
 
 def rank_and_world_size() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) when none is initialised."""
@@ -370,6 +373,26 @@ class BYOL(nn.Module):
 METHODS = {"moco": MoCo, "simclr": SimCLR, "byol": BYOL}  # MoCo v2: the paper's main method
 
 
+def build_method(name: str, encoder, settings: dict, processes: int = 1) -> torch.nn.Module:
+    """The method `name` of METHODS around `encoder`, from settings named as train.py's flags.
+
+    settings: moco_k, moco_m, moco_t / simclr_t, simclr_base_t / byol_tau, byol_hidden_dim, and
+    dim, batch_size, bn_batch (images per BN group, 0: one group), e.g. train.METHOD_DEFAULTS[name]
+    with dim=128. processes: how many share the batch (torchrun): each splits its share into groups.
+    """
+    per_process = settings["batch_size"] // processes
+    bn_splits = per_process // settings["bn_batch"] if settings["bn_batch"] else 1
+    if name == "moco":
+        return MoCo(encoder, dim=settings["dim"], moco_k=settings["moco_k"],
+                    moco_m=settings["moco_m"], moco_t=settings["moco_t"], bn_splits=bn_splits)
+    if name == "simclr":
+        return SimCLR(encoder, dim=settings["dim"], temperature=settings["simclr_t"],
+                      base_temperature=settings["simclr_base_t"], bn_splits=bn_splits,
+                      gather_negatives=not settings.get("simclr_local_negatives"))
+    return BYOL(encoder, dim=settings["dim"], hidden_dim=settings["byol_hidden_dim"],
+                tau=settings["byol_tau"], bn_splits=bn_splits)
+
+
 # ----- evaluation: weighted kNN (Wu et al. 2018) --------------------------------------------------
 
 @torch.no_grad()
@@ -411,6 +434,19 @@ def backbone_state(state_dict: dict) -> dict:
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             break
     return {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+
+
+def checkpoint_backbone(ckpt: dict) -> dict:
+    """The backbone state_dict (torchvision names, no fc) of a loaded checkpoint: this project's
+    keep the model under "model", the official S3L/MoCo ones under "state_dict", exports are plain
+    state_dicts. Raises ValueError naming the keys found when it holds no ResNet."""
+    state = ckpt["model"] if ckpt.get("format") == "s3l" else ckpt.get("state_dict", ckpt)
+    backbone = backbone_state(state) if isinstance(state, dict) else {}
+    if not isinstance(backbone.get("conv1.weight"), torch.Tensor):
+        raise ValueError(f"no ResNet backbone found (expected keys like conv1.weight, "
+                         f"layer1.0.conv1.weight, under one of {', '.join(BACKBONE_PREFIXES)}); "
+                         f"found: {', '.join(list(ckpt)[:6])}")
+    return backbone
 
 
 def infer_arch(state: dict):
@@ -471,3 +507,36 @@ def mixup_loss(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
                lam: float) -> torch.Tensor:
     """lam * CE(logits, y_a) + (1 - lam) * CE(logits, y_b); logits: (B, classes), y_a, y_b: (B,)."""
     return lam * F.cross_entropy(logits, y_a) + (1 - lam) * F.cross_entropy(logits, y_b)
+
+
+def classifier_loss(model, x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = None):
+    """The fine-tuning loss: cross-entropy of model(x), in fp32, against labels y: (B,); with
+    mixup_alpha, mixup with one lambda per batch (the S3L fine-tuning code's mixup)."""
+    if mixup_alpha is None:
+        return F.cross_entropy(model(x).float(), y)
+    x, y_a, y_b, lam = mixup(x, y, mixup_alpha)
+    return mixup_loss(model(x).float(), y_a, y_b, lam)
+
+
+# ----- the S3L recipe: the official learning-rate schedules ---------------------------------------
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate of every parameter group, as lr_at gives it for the step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def lr_at(epoch: float, epochs: int, base_lr: float, warmup_epochs: float = 0.0, steps=None,
+          warmup_from: float = 0.01) -> float:
+    """Linear warm-up from `warmup_from`, then cosine to 0, base_lr (1 + cos(pi t)) / 2; or, with
+    `steps`, base_lr x 0.1 at each of those epochs (the official --step-lr).
+
+    epoch: whole for the official per-epoch cosine of pretraining, fractional for the per-iteration
+    cosine of fine-tuning and for the warm-up.
+    """
+    if steps:
+        return base_lr * 0.1 ** sum(epoch >= s for s in steps)
+    if epoch < warmup_epochs:
+        return warmup_from + (base_lr - warmup_from) * epoch / warmup_epochs
+    t = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))

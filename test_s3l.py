@@ -1393,7 +1393,10 @@ def test_a_class_missing_in_the_test_split_is_a_clear_error(tmp_path):
 
 # ----- bench.py -----------------------------------------------------------------------------------
 
-def test_bench_prints_every_row_with_positive_finite_rates(tmp_path, capsys):
+def test_bench_prints_every_row_as_measured_and_in_the_table_with_positive_finite_rates(
+        tmp_path, capsys):
+    """Each row is printed when measured (a run cut short by a time limit keeps them), then the
+    table with the ratios."""
     import bench
     args = bench.build_parser().parse_args(
         ["--input-size", "16", "--batch-size", "8", "--images", "16", "--gen-size", "24",
@@ -1406,7 +1409,9 @@ def test_bench_prints_every_row_with_positive_finite_rates(tmp_path, capsys):
     assert [(m, p) for m, p, _ in rows] == expected
     assert all(math.isfinite(rate) and rate > 0 for _, _, rate in rows)
     printed = capsys.readouterr().out
-    assert all(f"{m:<10}{p:<16}" in printed for m, p in expected)
+    progress, table = printed.split("x conventional")
+    assert all(f"  {m:<10}{p:<16}" in progress for m, p in expected)
+    assert all(f"\n{m:<10}{p:<16}" in table for m, p in expected)
     assert "Self CPU" in printed  # the --profile table of the full step
 
 
@@ -1498,7 +1503,8 @@ def study_argv(root, tmp, *extra):
             "1", "--cache-dir", str(tmp / "cache"), "--save-dir", str(tmp / "study"), *extra]
 
 
-def test_a_tiny_study_reports_a_quarter_of_the_flops_at_half_size_and_reuses_finished_arms(tmp_path):
+def test_a_tiny_study_reports_a_quarter_of_the_flops_at_half_size_and_reuses_finished_arms(
+        tmp_path):
     """Two arms of the resolution grid and one failing arm of the data grid, one epoch each: the
     report and plots exist; half resolution costs a quarter of the PFLOPs (2 x MACs x 4 passes x
     images, MoCo); the failing arm is recorded with its error while the others finish; a second run

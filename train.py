@@ -10,10 +10,11 @@
   torchrun --nproc_per_node N train.py pretrain ...   any training command on N GPUs (DDP)
 
 README.md's "Paper map" says which paper section and official script each stage reproduces.
-Reading order: defaults, parser, device and data from the flags, backbone, schedule and logs,
-evaluation, pretraining, supervised stages, the default job, main. Losses and methods live in
-s3l.py, ResNets in models.py, readers, augmentation and a run's splits in data.py; the run folder
-(checkpoints, resuming, interrupts) and how a run runs (device, precision, torchrun) in runs.py.
+Reading order: defaults, parser, device and data from the flags, backbone, what every loop shares
+(run log, checkpoints, summaries), evaluation, pretraining, supervised stages, the default job,
+main. Losses, methods, mixup and the lr schedules live in s3l.py, ResNets in models.py, readers,
+augmentation and a run's splits in data.py; the run folder (checkpoints, resuming, interrupts) and
+how a run runs (device, precision, torchrun) in runs.py.
 """
 import argparse
 import math
@@ -401,38 +402,16 @@ def resolve_backbone(args, state=None, input_size=None) -> Backbone:
     return Backbone(arch, conv5 if args.conv5 is None else args.conv5, small_stem, size)
 
 
-def build_method(name: str, encoder, settings: dict, processes: int = 1) -> torch.nn.Module:
-    """The SSL method `name` around `encoder`; settings: the pretraining flags by name (moco_k,
-    simclr_t, byol_tau, ..., batch_size, bn_batch, dim), e.g. vars(args) or METHOD_DEFAULTS.
-    processes: how many share the batch (torchrun): each splits its share into BN groups."""
-    per_process = settings["batch_size"] // processes
-    bn_splits = per_process // settings["bn_batch"] if settings["bn_batch"] else 1
-    if name == "moco":
-        return s3l.MoCo(encoder, dim=settings["dim"], moco_k=settings["moco_k"],
-                        moco_m=settings["moco_m"], moco_t=settings["moco_t"], bn_splits=bn_splits)
-    if name == "simclr":
-        return s3l.SimCLR(encoder, dim=settings["dim"], temperature=settings["simclr_t"],
-                          base_temperature=settings["simclr_base_t"], bn_splits=bn_splits,
-                          gather_negatives=not settings.get("simclr_local_negatives"))
-    return s3l.BYOL(encoder, dim=settings["dim"], hidden_dim=settings["byol_hidden_dim"],
-                    tau=settings["byol_tau"], bn_splits=bn_splits)
-
-
 def pretrained_backbone(path: str):
-    """(checkpoint, backbone state_dict with torchvision names) of a checkpoint, or (None, None).
-
-    Ours keep the model under "model", the official ones under "state_dict"; exports are plain.
-    """
+    """(checkpoint, backbone state_dict) of the file at `path` (s3l.checkpoint_backbone), or
+    (None, None) without a path: ours, an export, or an official S3L/MoCo/BYOL checkpoint."""
     if not path:
         return None, None
     ckpt = runs.read_checkpoint(path)
-    state = ckpt["model"] if ckpt.get("format") == "s3l" else ckpt.get("state_dict", ckpt)
-    backbone = s3l.backbone_state(state) if isinstance(state, dict) else {}
-    if not isinstance(backbone.get("conv1.weight"), torch.Tensor):
-        raise SystemExit(f"{path}: no ResNet backbone found (expected keys like conv1.weight, "
-                         f"layer1.0.conv1.weight, under one of "
-                         f"{', '.join(s3l.BACKBONE_PREFIXES)}); found: {', '.join(list(ckpt)[:6])}")
-    return ckpt, backbone
+    try:
+        return ckpt, s3l.checkpoint_backbone(ckpt)
+    except ValueError as e:
+        raise SystemExit(f"{path}: {e}") from None
 
 
 def load_pretrained(model, state: dict, path: str, keep_conv5: bool) -> None:
@@ -452,38 +431,7 @@ def load_pretrained(model, state: dict, path: str, keep_conv5: bool) -> None:
         raise SystemExit(f"--pretrained {path}: {e}") from None
 
 
-# ----- schedule, checkpoints, logs ----------------------------------------------------------------
-
-def lr_at(epoch: float, epochs: int, base_lr: float, warmup_epochs: float = 0.0, steps=None,
-          warmup_from: float = 0.01) -> float:
-    """Linear warm-up from `warmup_from`, then cosine to 0, base_lr (1 + cos(pi t)) / 2; or, with
-    `steps`, base_lr x 0.1 at each of those epochs (the official --step-lr).
-
-    epoch: whole for the official per-epoch cosine of pretraining, fractional for the per-iteration
-    cosine of fine-tuning and for the warm-up.
-    """
-    if steps:
-        return base_lr * 0.1 ** sum(epoch >= s for s in steps)
-    if epoch < warmup_epochs:
-        return warmup_from + (base_lr - warmup_from) * epoch / warmup_epochs
-    t = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def epoch_order(seed: int, epoch: int, n: int, generator, device) -> torch.Tensor:
-    """Re-seed the epoch's random streams from (seed, epoch) and return its data order, (n,) on
-    `device`: a run resumed at an epoch boundary draws exactly what the uninterrupted run drew, with
-    no RNG state to carry in the checkpoint."""
-    s = seed * 1_000_003 + epoch
-    torch.manual_seed(s)  # the global RNG: MoCo's shuffle-BN, mixup
-    generator.manual_seed(s)  # the augmentation's
-    return torch.randperm(n, generator=torch.Generator().manual_seed(s)).to(device)
-
+# ----- schedule, checkpoints, logs: what every training loop shares -------------------------------
 
 def due(epoch: int, epochs: int, every: int) -> bool:
     """Whether an evaluation follows epoch `epoch` (from 0), pretraining's kNN monitor or a
@@ -499,13 +447,52 @@ def run_log(args, runtime: runs.Runtime, backbone: Backbone, resumed=None) -> ru
                        writes=runtime.is_main)
 
 
-def stage_record(command: str, backbone: Backbone, epochs: int, wall_s: float, macs: int,
-                 **extra) -> dict:
+def check_resume(args, runtime, resumed, train_store) -> None:
+    """A --resume checkpoint must be this run's (runs.check_resume): checked before any work."""
+    if resumed:
+        runs.check_resume(args.resume, resumed, vars(args), train_store.paths,
+                          world_size=runtime.world_size, force=args.force_resume)
+
+
+def start_run(args, runtime, *, backbone: Backbone, model, params, resumed):
+    """The start every training loop shares: the run log, and `model` with SGD on `params` and the
+    gradient scaler, restored from the --resume checkpoint `resumed` (checked against this run with
+    check_resume first) or fresh when it is None. Returns (runs.resume_point, log, state)."""
+    log = run_log(args, runtime, backbone, resumed)
+    optimizer = runtime.sgd(params, args.lr, args.momentum, args.weight_decay)
+    state = runs.TrainState(model, optimizer, runtime.scaler())
+    if resumed:
+        state.resume(resumed)
+    return runs.resume_point(resumed), log, state
+
+
+def stage_record(command: str, backbone: Backbone, wall_s: float, **stage) -> dict:
     """One stage of the pipeline for cost accounting (study.stage_pflops): what ran on which
-    backbone, how long, forward MACs per image of the backbone (models.macs); extra holds
-    images_per_epoch, the images trained per epoch."""
-    return dict(command=command, **asdict(backbone), epochs=epochs, wall_s=round(wall_s, 1),
-                macs_per_image=macs, **extra)
+    backbone, for how long; stage: epochs, macs_per_image (the backbone's forward MACs,
+    models.macs), images_per_epoch (images trained per epoch), and what else describes it."""
+    return dict(command=command, **asdict(backbone), wall_s=round(wall_s, 1), **stage)
+
+
+def save_epoch(args, runtime, state: runs.TrainState, *, backbone: Backbone, epoch: int,
+               wall_s: float, stages: list, stage: dict, train_store, **extra) -> None:
+    """checkpoint.pt (rank 0 only) after a finished epoch, or inside an interrupted one (extra:
+    runs.interrupted_epoch), with what --resume checks. stages: the earlier stages of the pipeline;
+    this one's record so far (stage_record of `stage`) is added: --resume replaces it."""
+    if runtime.is_main:
+        stages = stages + [stage_record(args.command, backbone, wall_s=wall_s, **stage)]
+        checkpoint = state.checkpoint(args.command, vars(args), asdict(backbone), epoch, wall_s,
+                                      stages, world_size=runtime.world_size,
+                                      train_files=runs.files_digest(train_store.paths), **extra)
+        runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
+
+
+def summarize(args, log, runtime, *, backbone: Backbone, stages: list, **results) -> dict:
+    """summary.json of a training command: its backbone, results and the pipeline's stages."""
+    summary = dict(command=args.command, **asdict(backbone), epochs=args.epochs, **results,
+                   wall_s=stages[-1]["wall_s"], device=runtime.reason,
+                   checkpoint=os.path.join(args.save_dir, "checkpoint.pt"), stages=stages)
+    log.summary(summary)
+    return summary
 
 
 # ----- evaluation ---------------------------------------------------------------------------------
@@ -543,7 +530,7 @@ def extract_features(backbone, store: data.ImageStore, input_size: int, runtime:
     return F.normalize(feats, dim=1) if normalize else feats
 
 
-def knn_eval(backbone, bank: data.ImageStore, queries: data.ImageStore, input_size: int,
+def knn_eval(backbone, bank: data.ImageStore, queries: data.ImageStore, *, input_size: int,
              runtime: runs.Runtime, k: int, t: float) -> float:
     """kNN top-1 (%) of `backbone`: `bank` is the labelled memory, `queries` are classified."""
     feats = [extract_features(backbone, s, input_size, runtime) for s in (bank, queries)]
@@ -560,7 +547,8 @@ def classify_top1(model, store: data.ImageStore, input_size: int, runtime: runs.
 # ----- pretraining: one loop for every method -----------------------------------------------------
 
 def check_pretrain_args(args, n_train: int, processes: int) -> None:
-    """User-facing checks before any work: each error names the flag and the fix."""
+    """User-facing checks before any work: each error names the flag and the fix; a note when
+    drop_last leaves over a tenth of the images out."""
     if args.batch_size > n_train:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the training split "
                          f"({n_train} images): lower --batch-size")
@@ -572,6 +560,10 @@ def check_pretrain_args(args, n_train: int, processes: int) -> None:
     if args.method == "moco" and args.moco_k % args.batch_size:
         raise SystemExit(f"--moco-k {args.moco_k} is not divisible by --batch-size "
                          f"{args.batch_size} (MoCo's queue takes whole batches): change one")
+    dropped = n_train % args.batch_size
+    if dropped > 0.1 * n_train:
+        print(f"note: batches of {args.batch_size} leave {dropped} of {n_train} images out of "
+              "every epoch (drop_last, as the official loaders); a smaller --batch-size uses them")
 
 
 def init_from(method, path: str, backbone: Backbone, method_name: str) -> list:
@@ -609,56 +601,43 @@ def pretrain(args) -> dict:
                                         min_crop_scale=args.crop_scale[0],
                                         **train_split_args(args, runtime))
     check_pretrain_args(args, len(train_store), runtime.world_size)
-    dropped = len(train_store) % args.batch_size
-    if dropped > 0.1 * len(train_store):
-        print(f"note: batches of {args.batch_size} leave {dropped} of {len(train_store)} images "
-              "out of every epoch (drop_last, as the official loaders); a smaller --batch-size "
-              "uses them")
-    if resumed:
-        runs.check_resume(args.resume, resumed, vars(args), train_store.paths,
-                          world_size=runtime.world_size, force=args.force_resume)
+    check_resume(args, runtime, resumed, train_store)
     test_split = args.test_split or data.default_eval_split(args.data)
     bank, queries = data.knn_stores(train_store, args.data, test_split, backbone.input_size,
                                     knn_train=args.knn_train, knn_val=args.knn_val,
                                     **store_args(args, runtime))
-    log = run_log(args, runtime, backbone, resumed)
-
     torch.manual_seed(args.seed)
-    method = build_method(args.method, backbone.build(), vars(args), runtime.world_size)
+    method = s3l.build_method(args.method, backbone.build(), vars(args), runtime.world_size)
     method = runtime.place(method, args.sync_bn)
-    params = [p for p in method.parameters() if p.requires_grad]
-    state = runs.TrainState(method, runtime.sgd(params, args.lr, args.momentum, args.weight_decay),
-                            runtime.scaler())
-    stages = init_from(method, args.init_from, backbone, args.method) if args.init_from else []
-    if resumed:
-        state.resume(resumed)
+    if resumed:  # this stage's own record, last, is written anew
         stages = resumed["stages"][:-1]
+    elif args.init_from:
+        stages = init_from(method, args.init_from, backbone, args.method)
+    else:
+        stages = []
+    params = [p for p in method.parameters() if p.requires_grad]
+    start, log, state = start_run(args, runtime, backbone=backbone, model=method, params=params,
+                                  resumed=resumed)
     augment = data.SSLAugment(backbone.input_size, scale=tuple(args.crop_scale),
                               solarize_p=args.solarize_p, resample_dtype=runtime.resample_dtype)
-    start, t0 = runs.resume_point(resumed), time.time()
-    record, knn = train_ssl(args, runtime, state, train_store, augment, log=log, start=start,
-                            knn_sets=(bank, queries), backbone=backbone, stages=stages)
-    wall = start["wall_s"] + time.time() - t0
-    steps = len(train_store) // args.batch_size
-    n_images = (args.epochs - start["epoch"]) * steps * args.batch_size
-    macs = models.macs(backbone.build(), backbone.input_size)
-    stage = stage_record("pretrain", backbone, args.epochs, wall, macs, method=args.method,
-                         images=len(train_store), images_per_epoch=steps * args.batch_size)
-    summary = dict(command="pretrain", method=args.method, **asdict(backbone), epochs=args.epochs,
-                   final_loss=record.get("loss"), knn_top1=knn, wall_s=round(wall, 1),
-                   macs_per_image=macs, images_per_s=round(n_images / (time.time() - t0), 1),
-                   device=runtime.reason, checkpoint=os.path.join(args.save_dir, "checkpoint.pt"),
-                   stages=stages + [stage], train_images=len(train_store),
-                   skipped_files=len(train_store.skipped))
-    log.summary(summary)
-    return summary
+    loop_start = time.time()
+    record, knn, stages = train_ssl(args, runtime, state=state, train_store=train_store,
+                                    augment=augment, log=log, start=start,
+                                    knn_sets=(bank, queries), backbone=backbone, stages=stages)
+    trained = (args.epochs - start["epoch"]) * stages[-1]["images_per_epoch"]
+    return summarize(args, log, runtime, backbone=backbone, stages=stages, method=args.method,
+                     final_loss=record.get("loss"), knn_top1=knn,
+                     macs_per_image=stages[-1]["macs_per_image"],
+                     images_per_s=round(trained / (time.time() - loop_start), 1),
+                     train_images=len(train_store), skipped_files=len(train_store.skipped))
 
 
-def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, start: dict,
+def train_ssl(args, runtime, *, state: runs.TrainState, train_store, augment, log, start: dict,
               knn_sets, backbone: Backbone, stages: list):
     """The pretraining loop, the same for every method, from `start` (runs.resume_point): per step,
     two views of a batch and `loss = method(view1, view2)`; per epoch, a log record, the kNN monitor
-    and a checkpoint. Returns (the last epoch's record, the last kNN top-1 or None)."""
+    and a checkpoint. Returns (the last epoch's record, the last kNN top-1 or None, the stages with
+    this one's record last)."""
     method, optimizer, scaler = state.model, state.optimizer, state.scaler
     model = torch.compile(method) if args.compile else method  # state_dict() from `method` only
     model = runtime.wrap(model)  # DDP under torchrun
@@ -666,7 +645,8 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
     generator = torch.Generator(runtime.device)
     n, bs = len(train_store), args.batch_size
     steps = n // bs  # drop_last, as the official loaders
-    macs = models.macs(backbone.build(), backbone.input_size)
+    stage = dict(epochs=args.epochs, method=args.method, images=n, images_per_epoch=steps * bs,
+                 macs_per_image=models.macs(backbone.build(), backbone.input_size))
     t0 = time.time() - start["wall_s"]  # the run's clock, the resumed part included
     print(f"pretraining {args.method} {backbone.arch} conv5={backbone.conv5} at "
           f"{backbone.input_size} px on {n} images: {steps} steps/epoch, BN groups of "
@@ -674,7 +654,8 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
     record, knn = {}, None
     with runs.Interrupt(repeat_stops=not runtime.distributed) as interrupt:
         for epoch in range(start["epoch"], args.epochs):
-            order = epoch_order(args.seed, epoch, n, generator, runtime.device)
+            order = runs.epoch_order(args.seed, epoch, n=n, generator=generator,
+                                     device=runtime.device)
             meter = runs.epoch_meter(start, epoch, generator, epochs=args.epochs, steps=steps,
                                      batch_size=bs, images=steps * bs,
                                      print_freq=args.print_freq, device=runtime.device)
@@ -682,8 +663,8 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
             for step in range(meter.first_step, steps):
                 # the official cosine is per epoch; the warm-up per iteration
                 lr_epoch = epoch + step / steps if epoch < args.warmup_epochs else epoch
-                lr = lr_at(lr_epoch, args.epochs, args.lr, args.warmup_epochs)
-                set_lr(optimizer, lr)
+                lr = s3l.lr_at(lr_epoch, args.epochs, args.lr, warmup_epochs=args.warmup_epochs)
+                s3l.set_lr(optimizer, lr)
                 idx = order[step * bs:(step + 1) * bs]  # the batch, of all processes
                 images, _ = train_store.batch(runtime.share(idx), runtime.device)  # uint8
                 sizes = train_store.sizes[idx]
@@ -697,28 +678,22 @@ def train_ssl(args, runtime, state: runs.TrainState, train_store, augment, log, 
                 scaler.step(optimizer)
                 scaler.update()
                 if meter.add(step, loss, lr, stop=interrupt.requested):
-                    # this stage's record too: --resume drops the last one and writes it anew
-                    stage = stage_record("pretrain", backbone, args.epochs, time.time() - t0, macs,
-                                         method=args.method, images=n,
-                                         images_per_epoch=steps * bs)
-                    save_epoch(args, runtime, state, backbone, meter.epoch, time.time() - t0,
-                               stages + [stage], train_store,
-                               **runs.interrupted_epoch(meter, generator))
+                    save_epoch(args, runtime, state, backbone=backbone, epoch=meter.epoch,
+                               wall_s=time.time() - t0, stages=stages, stage=stage,
+                               train_store=train_store, **runs.interrupted_epoch(meter, generator))
                     runs.stop_interrupted(meter, args.save_dir)
             record = meter.record()
             runs.broadcast_buffers(method)  # rank 0's BN statistics: what is saved and evaluated
             if knn_sets[0] is not None and due(epoch, args.epochs, args.knn_every):
-                knn = knn_eval(method.backbone, *knn_sets, backbone.input_size, runtime,
-                               args.knn_k, args.knn_t)
+                knn = knn_eval(method.backbone, *knn_sets, input_size=backbone.input_size,
+                               runtime=runtime, k=args.knn_k, t=args.knn_t)
                 record["knn_top1"] = round(knn, 2)
             log.record(record)
             runs.check_finite_weights(method, epoch + 1)
-            wall = time.time() - t0
-            stage = stage_record("pretrain", backbone, args.epochs, wall, macs,
-                                 method=args.method, images=n, images_per_epoch=steps * bs)
-            save_epoch(args, runtime, state, backbone, epoch + 1, wall, stages + [stage],
-                       train_store)
-    return record, knn
+            save_epoch(args, runtime, state, backbone=backbone, epoch=epoch + 1,
+                       wall_s=time.time() - t0, stages=stages, stage=stage, train_store=train_store)
+    return record, knn, stages + [stage_record(args.command, backbone, wall_s=time.time() - t0,
+                                               **stage)]
 
 
 # ----- supervised stages: fine-tuning, the conv5 warm-up, the linear probe ------------------------
@@ -750,7 +725,8 @@ def finetune(args) -> dict:
     """Fine-tune the whole network (step 3 of the recipe), or, as `warmup-conv5`, train conv5 + fc
     on frozen SSL conv1-4 (step 2, small architecture). No --pretrained: from scratch."""
     warmup = args.command == "warmup-conv5"
-    runtime, backbone, train_store, test_store, net, stages = supervised_setup(args, True)
+    runtime, backbone, train_store, test_store, net, stages = supervised_setup(
+        args, build_conv5=True)
     if args.bn_batch:  # per-GPU BN; a last, smaller batch splits as evenly as possible
         s3l.split_batchnorm_(net, args.batch_size // runtime.world_size // args.bn_batch)
     frozen_bn = []
@@ -765,9 +741,10 @@ def finetune(args) -> dict:
     net = runtime.place(net, args.sync_bn)
     model = torch.compile(net) if args.compile else net  # checkpoints from `net`: no _orig_mod.
     params = [p for p in net.parameters() if p.requires_grad]
-    return train_classifier(args, runtime, backbone, net, model, params, train_store, test_store,
-                            stages, frozen_bn=frozen_bn,
-                            mixup_alpha=args.mixup_alpha if args.mixup else None)
+    mixup_alpha = args.mixup_alpha if args.mixup else None
+    return train_classifier(args, runtime, backbone=backbone, net=net, model=model, params=params,
+                            train_store=train_store, test_store=test_store, stages=stages,
+                            frozen_bn=frozen_bn, mixup_alpha=mixup_alpha)
 
 
 def linear(args) -> dict:
@@ -781,19 +758,21 @@ def linear(args) -> dict:
     net.fc.requires_grad_(True)
     frozen = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("fc.")}
     if args.cached_features:
-        summary = linear_on_cached_features(args, runtime, backbone, net, train_store, test_store,
-                                            stages)
+        summary = linear_on_cached_features(args, runtime, backbone=backbone, net=net,
+                                            train_store=train_store, test_store=test_store,
+                                            stages=stages)
     else:
-        summary = train_classifier(args, runtime, backbone, net, net, list(net.fc.parameters()),
-                                   train_store, test_store, stages, frozen_bn=[net],
+        summary = train_classifier(args, runtime, backbone=backbone, net=net, model=net,
+                                   params=list(net.fc.parameters()), train_store=train_store,
+                                   test_store=test_store, stages=stages, frozen_bn=[net],
                                    mixup_alpha=None)
     for key, value in net.state_dict().items():  # MoCo's lincls sanity check
         assert key.startswith("fc.") or torch.equal(value, frozen[key]), f"the probe changed {key}"
     return summary
 
 
-def train_classifier(args, runtime, backbone: Backbone, net, model, params, train_store,
-                     test_store, stages: list, frozen_bn, mixup_alpha) -> dict:
+def train_classifier(args, runtime, *, backbone: Backbone, net, model, params, train_store,
+                     test_store, stages: list, frozen_bn: list, mixup_alpha) -> dict:
     """The supervised loop of finetune, warmup-conv5 and the official linear probe: per step, a
     RandomCrop + flip view of a batch (Resize -> RandomCrop, the official train transform),
     cross-entropy (with mixup: one lambda per batch), SGD; per epoch, test top-1 of centre views.
@@ -801,18 +780,24 @@ def train_classifier(args, runtime, backbone: Backbone, net, model, params, trai
     frozen_bn: modules kept in eval mode. Reports the final-epoch top-1; the best epoch is also
     logged, labelled as chosen on the test split (optimistic; the official code reports it).
     Under torchrun BN sees each process's share (per-GPU BN), and mixup pairs images within it."""
-    start, log, state, best, acc = start_supervised(args, runtime, backbone, net, params,
-                                                    train_store)
+    resumed = runs.resume_checkpoint(args.resume, args.command)
+    check_resume(args, runtime, resumed, train_store)
+    start, log, state = start_run(args, runtime, backbone=backbone, model=net, params=params,
+                                  resumed=resumed)
+    best = resumed["best"] if resumed else dict(test_top1=None, epoch=None)
+    acc = resumed["test_top1"] if resumed else None
     t0 = time.time() - start["wall_s"]  # the run's clock, the resumed part included
     trained = runtime.wrap(model)  # DDP under torchrun
     generator = torch.Generator(runtime.device)
     n, bs = len(train_store), args.batch_size
-    macs = models.macs(backbone.build(), backbone.input_size)
     # the last, smaller batch only if each process gets 2 images of it (BatchNorm needs 2)
     steps = n // bs + (n % bs >= 2 * runtime.world_size)
+    stage = dict(epochs=args.epochs, images_per_epoch=min(n, steps * bs),
+                 macs_per_image=models.macs(backbone.build(), backbone.input_size))
     with runs.Interrupt(repeat_stops=not runtime.distributed) as interrupt:
         for epoch in range(start["epoch"], args.epochs):
-            order = epoch_order(args.seed, epoch, n, generator, runtime.device)
+            order = runs.epoch_order(args.seed, epoch, n=n, generator=generator,
+                                     device=runtime.device)
             meter = runs.epoch_meter(start, epoch, generator, epochs=args.epochs, steps=steps,
                                      batch_size=bs, images=n, print_freq=args.print_freq,
                                      device=runtime.device)
@@ -820,20 +805,21 @@ def train_classifier(args, runtime, backbone: Backbone, net, model, params, trai
             for module in frozen_bn:
                 module.eval()
             for step in range(meter.first_step, steps):
-                lr = lr_at(epoch + step / steps, args.epochs, args.lr, steps=args.lr_steps)
-                set_lr(state.optimizer, lr)
+                lr = s3l.lr_at(epoch + step / steps, args.epochs, args.lr, steps=args.lr_steps)
+                s3l.set_lr(state.optimizer, lr)
                 idx = order[step * bs:(step + 1) * bs]  # the batch, of all processes
                 x, y = classifier_batch(train_store, idx, generator, runtime=runtime,
                                         input_size=backbone.input_size)
                 with runtime.autocast():
-                    loss = classifier_loss(trained, x, y, mixup_alpha)
+                    loss = s3l.classifier_loss(trained, x, y, mixup_alpha)
                 state.optimizer.zero_grad(set_to_none=True)
                 state.scaler.scale(loss).backward()
                 state.scaler.step(state.optimizer)
                 state.scaler.update()
                 if meter.add(step, loss, lr, stop=interrupt.requested):
-                    save_epoch(args, runtime, state, backbone, meter.epoch, time.time() - t0,
-                               stages, train_store, best=best, test_top1=acc,
+                    save_epoch(args, runtime, state, backbone=backbone, epoch=meter.epoch,
+                               wall_s=time.time() - t0, stages=stages, stage=stage,
+                               train_store=train_store, best=best, test_top1=acc,
                                **runs.interrupted_epoch(meter, generator))
                     runs.stop_interrupted(meter, args.save_dir)
             record = meter.record()
@@ -844,24 +830,12 @@ def train_classifier(args, runtime, backbone: Backbone, net, model, params, trai
                 best = best_top1(best, acc, epoch)
             log.record(record)
             runs.check_finite_weights(net, epoch + 1)
-            wall = time.time() - t0
-            stage = stage_record(args.command, backbone, args.epochs, wall, macs,
-                                 images_per_epoch=min(n, steps * bs))
-            save_epoch(args, runtime, state, backbone, epoch + 1, wall, stages + [stage],
-                       train_store, best=best, test_top1=acc)
-    wall = time.time() - t0
-    stage = stage_record(args.command, backbone, args.epochs, wall, macs,
-                         images_per_epoch=min(n, steps * bs))
-    return finish_supervised(args, log, runtime, backbone, acc, best, wall, stages + [stage])
-
-
-def classifier_loss(model, x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = None):
-    """Cross-entropy of model(x) against labels y (n,), in fp32; with mixup_alpha, mixup with one
-    lambda per batch (paper map: fine-tuning with mixup) within this process's share."""
-    if mixup_alpha is None:
-        return F.cross_entropy(model(x).float(), y)
-    x, y_a, y_b, lam = s3l.mixup(x, y, mixup_alpha)
-    return s3l.mixup_loss(model(x).float(), y_a, y_b, lam)
+            save_epoch(args, runtime, state, backbone=backbone, epoch=epoch + 1,
+                       wall_s=time.time() - t0, stages=stages, stage=stage, train_store=train_store,
+                       best=best, test_top1=acc)
+    stages = stages + [stage_record(args.command, backbone, wall_s=time.time() - t0, **stage)]
+    return finish_supervised(args, log, runtime, backbone=backbone, acc=acc, best=best,
+                             stages=stages)
 
 
 def classifier_batch(train_store: data.ImageStore, idx: torch.Tensor, generator, runtime,
@@ -887,35 +861,8 @@ def best_top1(best: dict, acc: float, epoch: int) -> dict:
     return best
 
 
-def start_supervised(args, runtime, backbone: Backbone, net, params, train_store):
-    """A supervised run's log, optimizer state and best/last top-1, fresh or from --resume.
-    Returns (where the loop starts: runs.resume_point, log, state, best, acc)."""
-    resumed = runs.resume_checkpoint(args.resume, args.command)
-    if resumed:
-        runs.check_resume(args.resume, resumed, vars(args), train_store.paths,
-                          world_size=runtime.world_size, force=args.force_resume)
-    log = run_log(args, runtime, backbone, resumed)
-    state = runs.TrainState(net, runtime.sgd(params, args.lr, args.momentum, args.weight_decay),
-                            runtime.scaler())
-    if not resumed:
-        return runs.resume_point(None), log, state, dict(test_top1=None, epoch=None), None
-    state.resume(resumed)
-    return runs.resume_point(resumed), log, state, resumed["best"], resumed["test_top1"]
-
-
-def save_epoch(args, runtime, state: runs.TrainState, backbone: Backbone, epoch: int, wall: float,
-               stages: list, train_store, **extra) -> None:
-    """checkpoint.pt (rank 0 only) after a finished epoch, or inside an interrupted one (extra:
-    runs.interrupted_epoch), with what --resume checks."""
-    if runtime.is_main:
-        checkpoint = state.checkpoint(args.command, vars(args), asdict(backbone), epoch, wall,
-                                      stages, world_size=runtime.world_size,
-                                      train_files=runs.files_digest(train_store.paths), **extra)
-        runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
-
-
-def linear_on_cached_features(args, runtime, backbone: Backbone, net, train_store, test_store,
-                              stages: list) -> dict:
+def linear_on_cached_features(args, runtime, *, backbone: Backbone, net, train_store,
+                              test_store, stages: list) -> dict:
     """The fast probe: centre-crop features of both splits computed once, then the fc trained on
     them with the probe's schedule (full-batch epochs of minibatches, no augmentation)."""
     log, t0 = run_log(args, runtime, backbone), time.time()
@@ -925,9 +872,10 @@ def linear_on_cached_features(args, runtime, backbone: Backbone, net, train_stor
     n, bs = len(train_store), args.batch_size
     best, acc = dict(test_top1=None, epoch=None), None
     for epoch in range(args.epochs):
-        order = epoch_order(args.seed, epoch, n, torch.Generator(), runtime.device)
-        lr = lr_at(epoch, args.epochs, args.lr, steps=args.lr_steps)
-        set_lr(optimizer, lr)
+        order = runs.epoch_order(args.seed, epoch, n=n, generator=torch.Generator(),
+                                 device=runtime.device)
+        lr = s3l.lr_at(epoch, args.epochs, args.lr, steps=args.lr_steps)
+        s3l.set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=runtime.device)
         for start in range(0, n, bs):
             idx = order[start:start + bs]
@@ -943,32 +891,30 @@ def linear_on_cached_features(args, runtime, backbone: Backbone, net, train_stor
                         test_top1=round(acc, 2)))
     wall = time.time() - t0
     macs = models.macs(backbone.build(), backbone.input_size)
-    stage = stage_record(args.command, backbone, args.epochs, wall, macs, images_per_epoch=n,
-                         cached_features=True)
+    stages = stages + [stage_record(args.command, backbone, wall_s=wall, epochs=args.epochs,
+                                    macs_per_image=macs, images_per_epoch=n, cached_features=True)]
     if runtime.is_main:  # every process trained the same fc on the same gathered features
         runs.save_checkpoint(os.path.join(args.save_dir, "checkpoint.pt"), dict(
             format="s3l", kind=args.command, model=net.state_dict(), epoch=args.epochs,
-            wall_s=wall, config=vars(args), backbone=asdict(backbone), stages=stages + [stage],
-            best=best, test_top1=acc))
-    return finish_supervised(args, log, runtime, backbone, acc, best, wall, stages + [stage])
+            wall_s=wall, config=vars(args), backbone=asdict(backbone), stages=stages, best=best,
+            test_top1=acc))
+    return finish_supervised(args, log, runtime, backbone=backbone, acc=acc, best=best,
+                             stages=stages)
 
 
-def finish_supervised(args, log, runtime, backbone: Backbone, acc: float, best: dict, wall: float,
+def finish_supervised(args, log, runtime, *, backbone: Backbone, acc: float, best: dict,
                       stages: list) -> dict:
     """summary.json and the closing line of a supervised stage."""
     protocol = None
     if args.command == "linear":
         protocol = "cached centre-crop features" if args.cached_features else \
             "official: random crop + flip through the frozen backbone"
-    summary = dict(command=args.command, protocol=protocol, **asdict(backbone),
-                   epochs=args.epochs, test_top1_final=acc,
-                   test_top1_best_chosen_on_test=best["test_top1"], best_epoch=best["epoch"],
-                   wall_s=round(wall, 1), device=runtime.reason,
-                   checkpoint=os.path.join(args.save_dir, "checkpoint.pt"), stages=stages)
-    log.summary(summary)
+    summary = summarize(args, log, runtime, backbone=backbone, stages=stages, protocol=protocol,
+                        test_top1_final=acc, test_top1_best_chosen_on_test=best["test_top1"],
+                        best_epoch=best["epoch"])
     print(f"{args.command}{f' ({protocol})' if protocol else ''}: final-epoch test top-1 "
           f"{acc:.2f}% (best {best['test_top1']:.2f}% at epoch {best['epoch']}, chosen on the test "
-          f"split); {wall / 60:.1f} min")
+          f"split); {stages[-1]['wall_s'] / 60:.1f} min")
     return summary
 
 
@@ -976,8 +922,8 @@ def knn(args) -> dict:
     """Weighted kNN top-1 of a checkpoint's backbone, or of the untrained one (seeded)."""
     runtime, backbone, bank, queries, net, _ = supervised_setup(args)
     log, t0 = run_log(args, runtime, backbone), time.time()
-    acc = knn_eval(runtime.place(net), bank, queries, backbone.input_size, runtime, args.knn_k,
-                   args.knn_t)
+    acc = knn_eval(runtime.place(net), bank, queries, input_size=backbone.input_size,
+                   runtime=runtime, k=args.knn_k, t=args.knn_t)
     record = dict(knn_top1=round(acc, 2), k=args.knn_k, t=args.knn_t, bank=len(bank),
                   queries=len(queries), input_size=backbone.input_size,
                   wall_s=round(time.time() - t0, 1))
@@ -1018,8 +964,8 @@ def default_job(job=DEFAULT_JOB) -> None:
                            **store)
     queries = data.load_store(args.data, "test", args.input_size, **store)
     torch.manual_seed(args.seed)  # the very initialisation the pretraining started from
-    before = knn_eval(runtime.place(backbone.build()), bank, queries, args.input_size, runtime,
-                      args.knn_k, args.knn_t)
+    before = knn_eval(runtime.place(backbone.build()), bank, queries, input_size=args.input_size,
+                      runtime=runtime, k=args.knn_k, t=args.knn_t)
     print(f"\nkNN top-1 on the built-in shapes ({len(queries)} test images, {len(data.SHAPES)} "
           f"classes, {backbone.arch} at {args.input_size} px, final epoch)")
     print(f"{'backbone':<34}{'kNN top-1 %':>12}")
