@@ -102,9 +102,31 @@ POSITIVE = number(float, 0, open_low=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per stage of the recipe (paper map), the study, and export."""
     parser = argparse.ArgumentParser(description="S3L: scaled-down self-supervised learning",
                                      formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command")
+    add_pretrain_parser(commands)
+    add_supervised_parsers(commands)
+    p = commands.add_parser("knn", formatter_class=HelpFormatter, help="weighted kNN top-1 of a "
+                            "checkpoint's backbone (train split as memory, test split as queries)")
+    add_data_args(p)
+    add_model_args(p, input_size=None, command="knn")
+    p.add_argument("--pretrained", help="checkpoint to evaluate (none: the untrained backbone)")
+    add_knn_args(p)
+    add_device_args(p, save_dir="runs/knn")
+    p = commands.add_parser("export", formatter_class=HelpFormatter, help="write a checkpoint's "
+                            "backbone as a plain state_dict with torchvision ResNet names, no fc")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    commands.add_parser("study", help="the paper's comparisons (resolution, architecture, data, "
+                        "method) in one command, with cost accounting, a table and plots; see "
+                        "train.py study --help")
+    return parser
+
+
+def add_pretrain_parser(commands) -> None:
+    """pretrain: step 1 of the recipe, MoCo v2, SimCLR or BYOL at small resolution."""
     p = commands.add_parser("pretrain", formatter_class=HelpFormatter,
                             help="self-supervised pretraining (MoCo v2, SimCLR, BYOL)")
     add_data_args(p)
@@ -147,23 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_knn_args(p)
     add_device_args(p, save_dir="runs/pretrain")
     add_run_args(p)
-
-    add_supervised_parsers(commands)
-    p = commands.add_parser("knn", formatter_class=HelpFormatter, help="weighted kNN top-1 of a "
-                            "checkpoint's backbone (train split as memory, test split as queries)")
-    add_data_args(p)
-    add_model_args(p, input_size=None, command="knn")
-    p.add_argument("--pretrained", help="checkpoint to evaluate (none: the untrained backbone)")
-    add_knn_args(p)
-    add_device_args(p, save_dir="runs/knn")
-    p = commands.add_parser("export", formatter_class=HelpFormatter, help="write a checkpoint's "
-                            "backbone as a plain state_dict with torchvision ResNet names, no fc")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
-    commands.add_parser("study", help="the paper's comparisons (resolution, architecture, data, "
-                        "method) in one command, with cost accounting, a table and plots; see "
-                        "train.py study --help")
-    return parser
 
 
 def add_supervised_parsers(commands) -> None:
@@ -654,7 +659,7 @@ def train_ssl(args, runtime, *, state: runs.TrainState, train_store, augment, lo
     record, knn = {}, None
     with runs.Interrupt(repeat_stops=not runtime.distributed) as interrupt:
         for epoch in range(start["epoch"], args.epochs):
-            order = runs.epoch_order(args.seed, epoch, n=n, generator=generator,
+            order = runs.epoch_order(args.seed, epoch, n, generator=generator,
                                      device=runtime.device)
             meter = runs.epoch_meter(start, epoch, generator, epochs=args.epochs, steps=steps,
                                      batch_size=bs, images=steps * bs,
@@ -773,13 +778,12 @@ def linear(args) -> dict:
 
 def train_classifier(args, runtime, *, backbone: Backbone, net, model, params, train_store,
                      test_store, stages: list, frozen_bn: list, mixup_alpha) -> dict:
-    """The supervised loop of finetune, warmup-conv5 and the official linear probe: per step, a
-    RandomCrop + flip view of a batch (Resize -> RandomCrop, the official train transform),
-    cross-entropy (with mixup: one lambda per batch), SGD; per epoch, test top-1 of centre views.
-    net: the module checkpointed; model: what runs it (compiled or not); params: what SGD trains;
-    frozen_bn: modules kept in eval mode. Reports the final-epoch top-1; the best epoch is also
-    logged, labelled as chosen on the test split (optimistic; the official code reports it).
-    Under torchrun BN sees each process's share (per-GPU BN), and mixup pairs images within it."""
+    """The supervised loop of finetune, warmup-conv5 and the official linear probe: per step, the
+    official train view of a batch (Resize -> RandomCrop + flip), cross-entropy (mixup: one lambda
+    a batch, pairs within a process's share), SGD; per epoch, test top-1 of centre views. net: the
+    module checkpointed; model: what runs it (compiled or not); params: what SGD trains; frozen_bn:
+    modules kept in eval mode. Reports the final-epoch top-1 and the best epoch's, labelled as
+    chosen on the test split (optimistic; the official code reports it)."""
     resumed = runs.resume_checkpoint(args.resume, args.command)
     check_resume(args, runtime, resumed, train_store)
     start, log, state = start_run(args, runtime, backbone=backbone, model=net, params=params,
@@ -796,7 +800,7 @@ def train_classifier(args, runtime, *, backbone: Backbone, net, model, params, t
                  macs_per_image=models.macs(backbone.build(), backbone.input_size))
     with runs.Interrupt(repeat_stops=not runtime.distributed) as interrupt:
         for epoch in range(start["epoch"], args.epochs):
-            order = runs.epoch_order(args.seed, epoch, n=n, generator=generator,
+            order = runs.epoch_order(args.seed, epoch, n, generator=generator,
                                      device=runtime.device)
             meter = runs.epoch_meter(start, epoch, generator, epochs=args.epochs, steps=steps,
                                      batch_size=bs, images=n, print_freq=args.print_freq,
@@ -872,7 +876,7 @@ def linear_on_cached_features(args, runtime, *, backbone: Backbone, net, train_s
     n, bs = len(train_store), args.batch_size
     best, acc = dict(test_top1=None, epoch=None), None
     for epoch in range(args.epochs):
-        order = runs.epoch_order(args.seed, epoch, n=n, generator=torch.Generator(),
+        order = runs.epoch_order(args.seed, epoch, n, generator=torch.Generator(),
                                  device=runtime.device)
         lr = s3l.lr_at(epoch, args.epochs, args.lr, steps=args.lr_steps)
         s3l.set_lr(optimizer, lr)
