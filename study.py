@@ -465,9 +465,15 @@ def draw_plots(folder: str, rows: list, records: list, evals: list) -> list:
     spread; loss.png and knn.png: the pretraining curves of every arm and seed."""
     paths = []
     for kind in evals:
-        # the from-scratch baseline sits at 0 PFLOPs of pretraining
-        series = [dict(label=f"{r['grid']}/{r['arm']}", x=[r["pretrain_pflops"] or 0.0],
-                       y=[r[kind][0]], yerr=[r[kind][1]]) for r in rows if r[kind][0] is not None]
+        # the from-scratch baseline sits at 0 PFLOPs of pretraining; arms that share every step
+        # (half-32, conv5-32 and all-32, say) are one point, with one legend entry naming them all
+        points = {}
+        for r in rows:
+            if r[kind][0] is not None:
+                point = (r["pretrain_pflops"] or 0.0, r[kind][0], r[kind][1])
+                points.setdefault(point, []).append(r["arm"])
+        series = [dict(label=" = ".join(dict.fromkeys(arms)), x=[x], y=[y], yerr=[err])
+                  for (x, y, err), arms in points.items()]
         paths.append(os.path.join(folder, f"compute_{kind}.png"))
         plot(paths[-1], series, "pretraining compute (PFLOPs)", f"{kind} top-1 (%)",
              f"{kind} top-1 against pretraining compute (mean ± std over seeds)", x_from=0)
@@ -475,6 +481,9 @@ def draw_plots(folder: str, rows: list, records: list, evals: list) -> list:
     for r in records:
         shared = tuple(st["folder"] for st in r["steps"] if st["kind"] == "pretrain")
         names.setdefault(shared, []).append(r["arm"])
+    # multi-stage arms first: their first stage is another arm's whole curve (half-32's in
+    # half-32-then-64), which is then drawn over it instead of hidden under it
+    records = sorted(records, key=lambda r: -sum(st["kind"] == "pretrain" for st in r["steps"]))
     for key, ylabel in (("loss", "pretraining loss"), ("knn", "kNN monitor top-1 (%)")):
         series, drawn = [], set()
         for r in records:

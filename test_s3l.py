@@ -1563,6 +1563,39 @@ def test_a_fraction_subset_takes_that_share_of_every_class():
         data.subset_indices(labels, "fraction=1.5", seed=0)
 
 
+def test_arms_that_share_every_step_are_one_point_of_the_compute_plot(tmp_path, monkeypatch):
+    """half-32, conv5-32 and all-32 run the same commands: one point, one legend entry naming all
+    three (drawn apart, the last would hide the others); other arms keep their own point."""
+    import study
+    drawn = {}
+    monkeypatch.setattr(study, "plot", lambda path, series, *a, **k: drawn.setdefault(
+        os.path.basename(path), series))
+    rows = [dict(grid=g, arm=a, pretrain_pflops=0.017, knn=(12.4, 0.24))
+            for g, a in (("resolution", "half-32"), ("architecture", "conv5-32"),
+                         ("data", "all-32"))]
+    rows.append(dict(grid="data", arm="fraction-0.5-32", pretrain_pflops=0.008, knn=(10.3, 0.76)))
+    study.draw_plots(str(tmp_path), rows, records=[], evals=["knn"])
+    assert [s["label"] for s in drawn["compute_knn.png"]] == ["half-32 = conv5-32 = all-32",
+                                                            "fraction-0.5-32"]
+    assert drawn["compute_knn.png"][0]["x"] == [0.017] and drawn["compute_knn.png"][0]["y"] == [12.4]
+
+
+def test_a_multi_stage_curve_is_drawn_before_the_arm_that_is_its_first_stage(tmp_path,
+                                                                          monkeypatch):
+    """half-32-then-64 starts with half-32's very pretraining: drawn after it, its line would hide
+    half-32's; drawn first, half-32's line lies on top and the second stage continues it."""
+    import study
+    drawn = {}
+    monkeypatch.setattr(study, "plot", lambda path, series, *a, **k: drawn.setdefault(
+        os.path.basename(path), series))
+    first, second = dict(kind="pretrain", folder="p32"), dict(kind="pretrain", folder="p64")
+    records = [dict(arm="half-32", steps=[first], curves=dict(knn=[[5, 10.0], [10, 12.0]])),
+               dict(arm="half-32-then-64", steps=[first, second],
+                    curves=dict(knn=[[5, 10.0], [10, 12.0], [15, 13.0]]))]
+    study.draw_plots(str(tmp_path), rows=[], records=records, evals=[])
+    assert [s["label"] for s in drawn["knn.png"]] == ["half-32-then-64", "half-32"]
+
+
 def test_a_study_stopped_by_sigterm_resumes_the_stopped_command_on_the_next_run(tmp_path, capsys):
     """SIGTERM to the study reaches the running command, which saves its step; the study exits
     non-zero saying how to continue; the same command line resumes that command from its checkpoint
