@@ -110,6 +110,13 @@ def make_step(study_dir: str, kind: str, argv: list) -> Step:
     return Step(kind, tuple(argv), os.path.join(study_dir, "steps", f"{kind}-{digest}"))
 
 
+def pretrain_args(flags: tuple, s: dict) -> list:
+    """What a pretraining stage with the arm's `flags` gets after them: --pretrain-args, then the
+    --<method>-args of its method (the method grid can give each method its own --lr)."""
+    method = flags[flags.index("--method") + 1]
+    return [*s["stage_args"]["pretrain"], *s["method_args"].get(method, [])]
+
+
 def arm_steps(arm: Arm, seed: int, s: dict, epochs: list) -> tuple:
     """The train.py commands of one arm and seed, in order: (pretraining steps, {evaluation: its
     steps}). epochs: the pretraining epochs of each stage (None: the flags' or method's)."""
@@ -118,7 +125,7 @@ def arm_steps(arm: Arm, seed: int, s: dict, epochs: list) -> tuple:
     for flags, n in zip(arm.pretrain, epochs):
         argv = ["pretrain", *common, *(["--epochs", str(n)] if n else []), *flags,
                 *(["--init-from", previous.checkpoint] if previous else []),
-                *s["stage_args"]["pretrain"]]
+                *pretrain_args(flags, s)]
         previous = make_step(s["save_dir"], "pretrain", argv)
         pretrain.append(previous)
     full = ["--input-size", str(s["full_size"])]
@@ -147,7 +154,7 @@ def budget_epochs(arm: Arm, s: dict) -> list:
     if not s["budget_pflops"]:
         return [s["epochs"]] + [None] * (len(arm.pretrain) - 1)
     costs = [pretrain_pflops_per_epoch(["pretrain", "--data", s["data"], *flags,
-                                        *s["stage_args"]["pretrain"]]) for flags in arm.pretrain]
+                                        *pretrain_args(flags, s)]) for flags in arm.pretrain]
     later = sum(c * s["stage2_epochs"] for c in costs[1:])
     first = max(1, round((s["budget_pflops"] - later) / costs[0]))
     return [first] + [None] * (len(arm.pretrain) - 1)
@@ -512,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train.py commands (pretraining, the conv5 warm-up for the small architecture, the "
         "evaluations), run once per seed; results.md, results.json and PNG plots go to --save-dir. "
         "Any other flag goes to every stage that accepts it (--arch resnet18 --train-split "
-        "train+val, ...); --<stage>-args gives flags to one stage only.")
+        "train+val, ...); --<stage>-args gives flags to one stage only, --<method>-args to one "
+        "method's pretraining only.")
     p.add_argument("--data", required=True, help="dataset root, as for every train.py command")
     p.add_argument("--grid", default="resolution", help=f"comma-separated: {', '.join(GRIDS)}")
     p.add_argument("--arms", help="comma-separated arm names to run (default: all of the grids)")
@@ -545,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         p.add_argument(f"--{stage}-args", default="", help=f"flags for the {stage} commands only, "
                        "as one quoted string")
+    for method in sorted(train.METHOD_DEFAULTS):
+        p.add_argument(f"--{method}-args", default="", help=f"flags for the {method} pretraining "
+                       "commands only, after --pretrain-args (the method grid: e.g. each method's "
+                       "own --lr)")
     return p
 
 
@@ -593,6 +605,7 @@ def resolve(argv: list) -> dict:
     stage_args = forwarded_args(extra)
     for stage in STAGES:
         stage_args[stage] += shlex.split(getattr(args, f"{stage.replace('-', '_')}_args"))
+    method_args = {m: shlex.split(getattr(args, f"{m}_args")) for m in train.METHOD_DEFAULTS}
     return dict(data=args.data, grids=grids, arms=args.arms.split(",") if args.arms else None,
                 eval=evals, seeds=args.seeds, full_size=args.full_size,
                 small_size=args.small_size or args.full_size // 2, method=args.method,
@@ -600,7 +613,8 @@ def resolve(argv: list) -> dict:
                 eval_epochs=args.eval_epochs,
                 subsets=[subset_spec(s) for s in args.subsets.split(",") if s],
                 budget_pflops=args.budget_pflops, launcher=shlex.split(args.launcher),
-                save_dir=args.save_dir, stage_args=stage_args)
+                save_dir=args.save_dir, stage_args=stage_args,
+                method_args={m: flags for m, flags in method_args.items() if flags})
 
 
 def subset_spec(text: str) -> str:
@@ -619,7 +633,7 @@ def save_json(path: str, obj) -> None:
 
 # what defines the arms' results; grids, arms, evaluations and seeds may be added to a study folder
 DEFINING = ("data", "full_size", "small_size", "method", "epochs", "stage2_epochs", "eval_epochs",
-            "subsets", "budget_pflops", "stage_args")
+            "subsets", "budget_pflops", "stage_args", "method_args")
 
 
 def check_study_folder(s: dict) -> None:
@@ -629,6 +643,7 @@ def check_study_folder(s: dict) -> None:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        old.setdefault("method_args", {})  # a study folder from before --<method>-args
         differ = [f"{k}: {old.get(k)!r} there, {mine[k]!r} now" for k in DEFINING
                   if old.get(k) != mine[k]]
         if differ:

@@ -1554,6 +1554,24 @@ def test_study_flags_go_to_the_stages_that_take_them_and_the_rest_are_refused():
         study.resolve(["--data", "x", "--seed", "1"])
 
 
+def test_method_args_reach_only_that_methods_pretraining_and_old_study_folders_still_open(
+        tmp_path):
+    """--moco-args comes after --pretrain-args in MoCo's pretraining commands only, so MoCo runs at
+    its own lr in the method grid; a study.json written before --<method>-args is still accepted."""
+    s = study.resolve(["--data", "x", "--grid", "method", "--save-dir", str(tmp_path),
+                       "--pretrain-args", "--lr 0.125", "--moco-args", "--lr 0.03 --moco-k 1024"])
+    argvs = {arm.name: study.arm_steps(arm, 0, s, [5])[0][0].argv
+             for arm in study.grid_arms("method", s)}
+    assert argvs["moco-112"][-4:] == ("--lr", "0.03", "--moco-k", "1024")
+    assert train.parse_args(list(argvs["moco-112"])).lr == 0.03  # the last --lr wins
+    assert argvs["simclr-112"][-2:] == ("--lr", "0.125") and "--moco-k" not in argvs["byol-112"]
+    old = {k: s[k] for k in study.DEFINING if k != "method_args"}
+    (tmp_path / "study.json").write_text(json.dumps(old))
+    study.check_study_folder(dict(s, method_args={}))
+    with pytest.raises(SystemExit, match="method_args"):
+        study.check_study_folder(s)
+
+
 def test_a_fraction_subset_takes_that_share_of_every_class():
     labels = [0] * 10 + [1] * 4
     chosen = data.subset_indices(labels, "fraction=0.5", seed=0)
