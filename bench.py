@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
+import augment
 import data
 import models
 import runs
@@ -72,7 +73,8 @@ def pil_view(img: Image.Image, size: int, rng: random.Random) -> np.ndarray:
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     x = np.asarray(img, dtype=np.float32) / 255.0
-    x = (x - np.array(data.IMAGENET_MEAN, np.float32)) / np.array(data.IMAGENET_STD, np.float32)
+    mean, std = (np.array(v, np.float32) for v in (augment.IMAGENET_MEAN, augment.IMAGENET_STD))
+    x = (x - mean) / std
     return x.transpose(2, 0, 1)
 
 
@@ -195,12 +197,12 @@ def run(args) -> list:
           f"{args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
     paths = jpeg_files(args)
     listing = data.Listing(paths, None, [], "bench")
-    augment = data.SSLAugment(args.input_size, resample_dtype=runtime.resample_dtype)
-    short_side = data.store_short_side(args.input_size, augment.scale[0])
+    augmenter = augment.SSLAugment(args.input_size, resample_dtype=runtime.resample_dtype)
+    short_side = data.store_short_side(args.input_size, augmenter.scale[0])
     images, sizes, _ = data.load_split(listing, short_side, args.cache_dir, log=lambda *a: None)
     store = data.ImageStore(images, sizes).to(runtime.device,
                                                data.store_bytes_limit(runtime.device))
-    apply = torch.compile(augment.apply) if args.compile else augment.apply
+    apply = torch.compile(augmenter.apply) if args.compile else augmenter.apply
     generator = torch.Generator(runtime.device).manual_seed(0)
     n, bs, dev = len(store), args.batch_size, runtime.device
     if bs > n:
@@ -212,13 +214,13 @@ def run(args) -> list:
         start = cursor[0] % (n - bs + 1)
         cursor[0] += bs
         x, sizes = store.batch(order[start:start + bs], dev)  # uint8, as train.py
-        return [runtime.prepare(apply(x, augment.sample(sizes, generator))) for _ in range(2)]
+        return [runtime.prepare(apply(x, augmenter.sample(sizes, generator))) for _ in range(2)]
 
     rows = []
     if args.compile:  # the compiled augmentation must draw the same views as the eager one
         x, sizes = store.batch(order[:bs], dev)
-        params = augment.sample(sizes, generator)
-        gap = (apply(x, params) - augment.apply(x, params)).abs().max().item()
+        params = augmenter.sample(sizes, generator)
+        gap = (apply(x, params) - augmenter.apply(x, params)).abs().max().item()
         print(f"augmentation: max |view compiled - eager| on one batch = {gap:.2e}")
     rate = timed(our_views, args.warmup, args.steps, bs, dev)
     measured(rows, "augment", "s3l batched", rate)

@@ -286,7 +286,7 @@ class Runtime:
     amp_dtype: torch.dtype  # None: fp32
     channels_last: bool
     reason: str
-    resample_dtype: torch.dtype = torch.float32  # the views' crop + resize (data.crop_resize)
+    resample_dtype: torch.dtype = torch.float32  # the views' crop + resize (augment.crop_resize)
     distributed: bool = False  # launched by torchrun: a process group, DDP (see above)
     rank: int = 0
     local_rank: int = 0  # the process's index on its node, and its GPU
@@ -383,7 +383,7 @@ def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = 
         name = f"CPU, {torch.get_num_threads()} threads"
         fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    # bf16 crops: exact uint8 inputs, views within 2/255 of fp32, 2x faster (data.crop_resize)
+    # bf16 crops: exact uint8 inputs, views within 2/255 of fp32, 2x faster (augment.crop_resize)
     resample = torch.bfloat16 if fast_bf16 else torch.float32
     reason = f"{amp if dtype else 'fp32'}: {name}" + (", channels_last" if channels_last else "") \
         + (", bf16 crops" if fast_bf16 else "")

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+import augment
 import data
 import models
 import runs
@@ -365,7 +366,18 @@ def test_two_ranks_equal_one_process_with_two_bn_groups(two_ranks, method):
             assert float((r[name] - ref[name]).norm() / ref[name].norm()) < 1e-4, name
 
 
-# ----- data.py: augmentation ----------------------------------------------------------------------
+# ----- augment.py: the batched augmentation -------------------------------------------------------
+
+def test_the_augmentation_file_imports_torch_and_the_standard_library_only():
+    """'Copy the augmentation' is 'copy augment.py': it imports nothing of this project, nor numpy
+    or PIL."""
+    tree = ast.parse(open(os.path.join(os.path.dirname(__file__), "augment.py")).read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"torch", "math", "dataclasses"} and "torch" in imported, imported
+
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
@@ -377,7 +389,7 @@ def test_random_resized_crop_boxes_stay_inside_each_image_and_reach_its_corners(
     with area >= scale[0] of it, and over 3000 draws the boxes cover every pixel, corners included
     (the old centre-square store never reached a 4:3 photo's corners)."""
     sizes = torch.tensor([[48, 64], [64, 48], [40, 40]]).repeat(1000, 1)
-    boxes = data.random_resized_crop_boxes(sizes, (0.2, 1.0), (3 / 4, 4 / 3), gen())
+    boxes = augment.random_resized_crop_boxes(sizes, (0.2, 1.0), (3 / 4, 4 / 3), gen())
     top, left, h, w = boxes.long().unbind(1)
     height, width = sizes.unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
@@ -395,14 +407,14 @@ def test_crop_with_scale_one_and_ratio_one_is_the_identity_resize():
     """RRC(scale (1, 1), ratio (1, 1)) of a square image = the whole image resized: itself at the
     same size, torch's antialiased bilinear interpolate at others."""
     x, sizes = torch.rand(3, 3, 20, 20, generator=gen()), torch.full((3, 2), 20)
-    boxes = data.random_resized_crop_boxes(sizes, (1.0, 1.0), (1.0, 1.0), gen())
+    boxes = augment.random_resized_crop_boxes(sizes, (1.0, 1.0), (1.0, 1.0), gen())
     assert torch.equal(boxes, torch.tensor([[0.0, 0.0, 20.0, 20.0]] * 3))
-    assert torch.allclose(data.crop_resize(x, sizes, boxes, 20), x, atol=1e-5)
+    assert torch.allclose(augment.crop_resize(x, sizes, boxes, 20), x, atol=1e-5)
     for out in (7, 12, 31):
         resized = F.interpolate(x, size=(out, out), mode="bilinear", antialias=True)
-        assert torch.allclose(data.crop_resize(x, sizes, boxes, out), resized, atol=1e-5)
+        assert torch.allclose(augment.crop_resize(x, sizes, boxes, out), resized, atol=1e-5)
     flip = torch.ones(3, dtype=torch.bool)
-    assert torch.allclose(data.crop_resize(x, sizes, boxes, 20, flip), x.flip(-1), atol=1e-5)
+    assert torch.allclose(augment.crop_resize(x, sizes, boxes, 20, flip), x.flip(-1), atol=1e-5)
 
 
 def pil_resize(img, size, box=None, flip=False):
@@ -432,8 +444,8 @@ def test_crop_resize_equals_pil_resize_of_the_same_box():
     sizes16, flip = sizes.repeat(8, 1), torch.arange(16) % 4 < 2  # both flips on both images
     box_per_out = []
     for out in (12, 24, 40, 70):
-        boxes = data.random_resized_crop_boxes(sizes16, (0.05, 1.0), (3 / 4, 4 / 3), gen(out))
-        views = data.crop_resize(x.repeat(8, 1, 1, 1), sizes16, boxes, out, flip)
+        boxes = augment.random_resized_crop_boxes(sizes16, (0.05, 1.0), (3 / 4, 4 / 3), gen(out))
+        views = augment.crop_resize(x.repeat(8, 1, 1, 1), sizes16, boxes, out, flip)
         for view, (top, left, h, w), f, k in zip(views, boxes.tolist(), flip, range(16)):
             ref = pil_resize(images[k % 2], (out, out), (left, top, left + w, top + h), bool(f))
             assert psnr(view, ref) > 100, (out, top, left, h, w)
@@ -446,10 +458,10 @@ def test_uint8_input_and_bf16_resampling_stay_within_two_levels_of_float32():
     path Runtime picks) every view pixel stays within 2/255 of the float32 result."""
     x = torch.randint(0, 256, (16, 3, 80, 80), dtype=torch.uint8, generator=gen(3))
     sizes = torch.tensor([[60, 80], [80, 60]]).repeat(8, 1)
-    boxes = data.random_resized_crop_boxes(sizes, (0.05, 1.0), (3 / 4, 4 / 3), gen(4))
-    exact = data.crop_resize(x.float() / 255, sizes, boxes, 24)
-    assert torch.allclose(data.crop_resize(x, sizes, boxes, 24), exact, atol=1e-5)
-    fast = data.crop_resize(x, sizes, boxes, 24, dtype=torch.bfloat16)
+    boxes = augment.random_resized_crop_boxes(sizes, (0.05, 1.0), (3 / 4, 4 / 3), gen(4))
+    exact = augment.crop_resize(x.float() / 255, sizes, boxes, 24)
+    assert torch.allclose(augment.crop_resize(x, sizes, boxes, 24), exact, atol=1e-5)
+    fast = augment.crop_resize(x, sizes, boxes, 24, dtype=torch.bfloat16)
     assert fast.dtype == torch.float32 and (fast - exact).abs().max() < 2 / 255
 
 
@@ -459,14 +471,14 @@ def test_finetune_and_center_views_equal_pil_resize_then_crop():
     0.7, the official fine-tuning transforms), on the same offsets: PSNR > 100 dB (measured >= 125).
     """
     x, sizes, images = fine_detail_batch()
-    mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
+    mean, std = torch.tensor(augment.IMAGENET_MEAN), torch.tensor(augment.IMAGENET_STD)
     for s in (24, 40, 56):
         resize = round(s * 8 / 7)
         g = gen(s)
-        train_views = data.finetune_train_view(x, data.finetune_train_params(sizes, s, g), s)
+        train_views = augment.finetune_train_view(x, augment.finetune_train_params(sizes, s, g), s)
         g = gen(s)  # the same draws: crop_boxes, then the flips
-        boxes, flip = data.crop_boxes(sizes, s, g), torch.rand(2, generator=g) < 0.5
-        center = data.center_view(x, sizes, s)
+        boxes, flip = augment.crop_boxes(sizes, s, g), torch.rand(2, generator=g) < 0.5
+        center = augment.center_view(x, sizes, s)
         for k, img in enumerate(images):
             h, w = img.shape[1:]
             rh, rw = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
@@ -483,12 +495,12 @@ def test_finetune_and_center_views_equal_pil_resize_then_crop():
 def test_every_augmentation_keeps_shape_and_range():
     """Each op maps (N, 3, H, W) in [0, 1] to the same shape in [0, 1], whatever its parameters."""
     x = torch.rand(64, 3, 16, 16, generator=gen())
-    params = data.SSLAugment(16, solarize_p=0.5).sample(torch.full((64, 2), 16), gen(1))
-    ops = {"jitter": lambda t: data.color_jitter(t, *params["jitter"]),
-           "grayscale": lambda t: data.grayscale(t, params["gray"]),
-           "blur": lambda t: data.gaussian_blur(t, params["sigma"], radius=6),
-           "solarize": lambda t: data.solarize(t, params["solarize"]),
-           "crop": lambda t: data.crop_resize(t, params["sizes"], params["boxes"], 12,
+    params = augment.SSLAugment(16, solarize_p=0.5).sample(torch.full((64, 2), 16), gen(1))
+    ops = {"jitter": lambda t: augment.color_jitter(t, *params["jitter"]),
+           "grayscale": lambda t: augment.grayscale(t, params["gray"]),
+           "blur": lambda t: augment.gaussian_blur(t, params["sigma"], radius=6),
+           "solarize": lambda t: augment.solarize(t, params["solarize"]),
+           "crop": lambda t: augment.crop_resize(t, params["sizes"], params["boxes"], 12,
                                               params["flip"])}
     for name, op in ops.items():
         y = op(x)
@@ -499,7 +511,7 @@ def test_augmentation_parameters_differ_across_the_batch():
     """Every image draws its own crop, flip, jitter factors and order, grey, blur and solarisation;
     the probabilities of the paper's pipeline show in the frequencies (MoCo v2 aug-plus)."""
     n = 4000
-    p = data.SSLAugment(16, solarize_p=0.3).sample(torch.full((n, 2), 20), gen(2))
+    p = augment.SSLAugment(16, solarize_p=0.3).sample(torch.full((n, 2), 20), gen(2))
     factors, order = p["jitter"]
     applied = factors[:, 0] != 1
     assert len({tuple(b) for b in p["boxes"].tolist()}) > 100
@@ -516,13 +528,13 @@ def test_jitter_applies_its_ops_in_each_images_own_order():
     """color_jitter equals applying brightness, contrast, saturation and hue one image at a time
     in that image's order (the naive oracle)."""
     x = torch.rand(200, 3, 5, 5, generator=gen(3))
-    factors, order = data.color_jitter_params(200, 0.4, 0.4, 0.4, 0.1, 1.0, gen(4))
+    factors, order = augment.color_jitter_params(200, 0.4, 0.4, 0.4, 0.1, 1.0, gen(4))
     assert len({tuple(o) for o in order.tolist()}) == 24  # every order is checked
     ops = [lambda t, f: (t * f).clamp(0, 1),
-           lambda t, f: (f * t + (1 - f) * data._gray(t).mean()).clamp(0, 1),
-           lambda t, f: (f * t + (1 - f) * data._gray(t)).clamp(0, 1),
-           lambda t, f: data._shift_hue(t, torch.tensor(f).view(1, 1, 1, 1))]
-    y = data.color_jitter(x, factors, order)
+           lambda t, f: (f * t + (1 - f) * augment._gray(t).mean()).clamp(0, 1),
+           lambda t, f: (f * t + (1 - f) * augment._gray(t)).clamp(0, 1),
+           lambda t, f: augment._shift_hue(t, torch.tensor(f).view(1, 1, 1, 1))]
+    y = augment.color_jitter(x, factors, order)
     for i in range(200):
         ref = x[i:i + 1]
         for k in order[i].tolist():
@@ -535,12 +547,12 @@ def test_ssl_augment_produces_normalised_views_of_the_requested_size():
     input_size), two views differ."""
     imgs = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8, generator=gen())
     sizes = torch.tensor([[20, 20], [15, 20], [20, 14], [9, 12]]).repeat(2, 1)
-    aug = data.SSLAugment(16)
+    aug = augment.SSLAugment(16)
     g = gen(5)
     v1, v2 = aug(imgs, sizes, g), aug(imgs, sizes, g)  # uint8 in, as train.py feeds it
     assert v1.shape == (8, 3, 16, 16) and not torch.allclose(v1, v2)
-    lo = (0 - max(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
-    hi = (1 - min(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
+    lo = (0 - max(augment.IMAGENET_MEAN)) / min(augment.IMAGENET_STD)
+    hi = (1 - min(augment.IMAGENET_MEAN)) / min(augment.IMAGENET_STD)
     assert v1.min() >= lo - 1e-5 and v1.max() <= hi + 1e-5
 
 
@@ -548,7 +560,7 @@ def test_hue_shift_matches_colorsys():
     """The batched RGB->HSV->RGB hue shift equals Python's colorsys pixel by pixel."""
     import colorsys
     x = torch.rand(2, 3, 3, 3, generator=gen())
-    y = data._shift_hue(x, torch.tensor([0.1, -0.07]).view(2, 1, 1, 1))
+    y = augment._shift_hue(x, torch.tensor([0.1, -0.07]).view(2, 1, 1, 1))
     for n, shift in enumerate((0.1, -0.07)):
         for i in range(3):
             for j in range(3):
@@ -561,8 +573,8 @@ def test_blur_with_sigma_zero_is_exact_identity_and_blur_matches_a_dense_gaussia
     """sigma 0: untouched; sigma s: each pixel = sum of exp(-d^2 / 2s^2)-weighted neighbours, edge
     pixels repeated (PIL), computed here with an explicit 2-D kernel."""
     x = torch.rand(2, 3, 9, 9, generator=gen())
-    assert torch.equal(data.gaussian_blur(x, torch.zeros(2), radius=3), x)
-    y = data.gaussian_blur(x, torch.tensor([0.0, 1.3]), radius=3)
+    assert torch.equal(augment.gaussian_blur(x, torch.zeros(2), radius=3), x)
+    y = augment.gaussian_blur(x, torch.tensor([0.0, 1.3]), radius=3)
     t = torch.arange(-3, 4.0)
     k2 = torch.exp(-(t.view(-1, 1) ** 2 + t.view(1, -1) ** 2) / (2 * 1.3 ** 2))
     padded = F.pad(x[1:], (3, 3, 3, 3), mode="replicate")
@@ -894,8 +906,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     likely cause; checkpoint.pt keeps the epoch before and no summary claims a result."""
     root = make_folder(tmp_path / "data", classes=2, per_class=8)
     if poison == "batch":  # 2 steps of 2 views an epoch: the fifth view on is NaN
-        crop_resize, calls = data.crop_resize, []
-        monkeypatch.setattr(data, "crop_resize", lambda *a, **k: crop_resize(*a, **k) * (
+        crop_resize, calls = augment.crop_resize, []
+        monkeypatch.setattr(augment, "crop_resize", lambda *a, **k: crop_resize(*a, **k) * (
             float("nan") if calls.append(1) or len(calls) > 4 else 1.0))
     lr = ["--lr", "1e6"] if poison == "lr" else []
     with pytest.raises(SystemExit, match="not finite at epoch .* step .*lower --lr") as stop:

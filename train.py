@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
+import augment
 import data
 import models
 import runs
@@ -515,7 +516,7 @@ def centre_view_outputs(fn, store: data.ImageStore, input_size: int, runtime: ru
     outputs = []
     for start in range(0, per, batch_size):
         images, sizes = store.batch(mine[start:start + batch_size], runtime.device)
-        x = data.center_view(images, sizes, input_size, dtype=runtime.resample_dtype)
+        x = augment.center_view(images, sizes, input_size, dtype=runtime.resample_dtype)
         with runtime.autocast():
             outputs.append(fn(runtime.prepare(x)))
         if time.time() - t0 > 5:
@@ -623,11 +624,11 @@ def pretrain(args) -> dict:
     params = [p for p in method.parameters() if p.requires_grad]
     start, log, state = start_run(args, runtime, backbone=backbone, model=method, params=params,
                                   resumed=resumed)
-    augment = data.SSLAugment(backbone.input_size, scale=tuple(args.crop_scale),
+    augmenter = augment.SSLAugment(backbone.input_size, scale=tuple(args.crop_scale),
                               solarize_p=args.solarize_p, resample_dtype=runtime.resample_dtype)
     loop_start = time.time()
     record, knn, stages = train_ssl(args, runtime, state=state, train_store=train_store,
-                                    augment=augment, log=log, start=start,
+                                    augmenter=augmenter, log=log, start=start,
                                     knn_sets=(bank, queries), backbone=backbone, stages=stages)
     trained = (args.epochs - start["epoch"]) * stages[-1]["images_per_epoch"]
     return summarize(args, log, runtime, backbone=backbone, stages=stages, method=args.method,
@@ -637,7 +638,7 @@ def pretrain(args) -> dict:
                      train_images=len(train_store), skipped_files=len(train_store.skipped))
 
 
-def train_ssl(args, runtime, *, state: runs.TrainState, train_store, augment, log, start: dict,
+def train_ssl(args, runtime, *, state: runs.TrainState, train_store, augmenter, log, start: dict,
               knn_sets, backbone: Backbone, stages: list):
     """The pretraining loop, the same for every method, from `start` (runs.resume_point): per step,
     two views of a batch and `loss = method(view1, view2)`; per epoch, a log record, the kNN monitor
@@ -646,7 +647,7 @@ def train_ssl(args, runtime, *, state: runs.TrainState, train_store, augment, lo
     method, optimizer, scaler = state.model, state.optimizer, state.scaler
     model = torch.compile(method) if args.compile else method  # state_dict() from `method` only
     model = runtime.wrap(model)  # DDP under torchrun
-    apply = torch.compile(augment.apply) if args.compile else augment.apply  # one fused graph
+    apply = torch.compile(augmenter.apply) if args.compile else augmenter.apply  # one fused graph
     generator = torch.Generator(runtime.device)
     n, bs = len(train_store), args.batch_size
     steps = n // bs  # drop_last, as the official loaders
@@ -674,7 +675,7 @@ def train_ssl(args, runtime, *, state: runs.TrainState, train_store, augment, lo
                 images, _ = train_store.batch(runtime.share(idx), runtime.device)  # uint8
                 sizes = train_store.sizes[idx]
                 # whole-batch parameters, this process's share: the same views for any process count
-                params = [runtime.share(augment.sample(sizes, generator)) for _ in range(2)]
+                params = [runtime.share(augmenter.sample(sizes, generator)) for _ in range(2)]
                 view1, view2 = (runtime.prepare(apply(images, p)) for p in params)
                 with runtime.autocast():
                     loss = model(view1, view2)
@@ -850,8 +851,8 @@ def classifier_batch(train_store: data.ImageStore, idx: torch.Tensor, generator,
     processes. Returns (x (n, 3, input_size, input_size) as the model wants it, y (n,))."""
     mine = runtime.share(idx)
     images, _ = train_store.batch(mine, runtime.device)
-    crops = data.finetune_train_params(train_store.sizes[idx], input_size, generator)
-    x = data.finetune_train_view(images, runtime.share(crops), input_size,
+    crops = augment.finetune_train_params(train_store.sizes[idx], input_size, generator)
+    x = augment.finetune_train_view(images, runtime.share(crops), input_size,
                                  dtype=runtime.resample_dtype)
     return runtime.prepare(x), train_store.labels[mine]
 
