@@ -1,6 +1,6 @@
 """The S3L study: the paper's comparisons in one command, with cost accounting, a table and plots.
 
-  python train.py study --data DIR --grid resolution,architecture --eval finetune --seeds 2
+  python study.py --data DIR --grid resolution,architecture --eval finetune --seeds 2
 
 Cao & Wu's claim is a trade-off: accuracy against training cost as self-supervised pretraining is
 scaled down in resolution, architecture and data (README.md's "Paper map"). A study runs each *arm*
@@ -513,7 +513,7 @@ def draw_plots(folder: str, rows: list, records: list, evals: list) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py study", formatter_class=train.HelpFormatter,
+        prog="study.py", formatter_class=train.HelpFormatter,
         allow_abbrev=False,  # --seed or --subset must not pass for --seeds or --subsets
         description="The paper's comparisons in one command: each arm of each grid is a chain of "
         "train.py commands (pretraining, the conv5 warm-up for the small architecture, the "
@@ -587,9 +587,7 @@ def forwarded_args(extra: list) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def stage_flags(stage: str) -> set:
-    subparsers = [a for a in train.build_parser()._actions
-                  if isinstance(a, argparse._SubParsersAction)][0]
-    return {o for a in subparsers.choices[stage]._actions for o in a.option_strings}
+    return train.stage_flags(stage)
 
 
 def resolve(argv: list) -> dict:
@@ -704,3 +702,7 @@ def write_report(s: dict, records: list) -> tuple:
 def steps_of(arm: Arm, seed: int, s: dict) -> list:
     pretrain, evals = arm_steps(arm, seed, s, budget_epochs(arm, s))
     return pretrain + [st for chain in evals.values() for st in chain]
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

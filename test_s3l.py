@@ -853,10 +853,11 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
 
 # ----- faults: a failed run fails, an interrupted run keeps its work, no flag crashes it ---------
 
-def run_child(argv, cwd, **kwargs):
-    """train.py in a child process (for real signals), with this project on its path."""
+def run_child(argv, cwd, script="train.py", **kwargs):
+    """train.py (or study.py) in a child process (for real signals), with this project on its
+    path."""
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
     return subprocess.Popen([sys.executable, script, *argv], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
@@ -1427,6 +1428,32 @@ def test_bench_prints_every_row_as_measured_and_in_the_table_with_positive_finit
     assert "Self CPU" in printed  # the --profile table of the full step
 
 
+# ----- the project's shape: imports point one way ------------------------------------------------
+
+def project_imports():
+    """{module: the project modules it imports}, read off every top-level .py file but the tests."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    modules = {f[:-3] for f in os.listdir(root) if f.endswith(".py") and not f.startswith("test_")}
+    graph = {}
+    for m in modules:
+        tree = ast.parse(open(os.path.join(root, f"{m}.py")).read())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        graph[m] = names & modules
+    return graph
+
+
+def test_no_module_imports_study_or_bench_and_no_import_circle_exists():
+    """study.py and bench.py are leaves (their own entry points); every import points one way."""
+    graph = project_imports()
+    assert {"study", "bench", "train", "s3l", "augment"} <= set(graph), graph
+    assert not [m for m, deps in graph.items() if deps & {"study", "bench"}], graph
+
+    def reaches(a, b, seen=()):
+        return any(d == b or (d not in seen and reaches(d, b, seen + (d,))) for d in graph[a])
+    assert not [m for m in graph if reaches(m, m)], graph
+
+
 # ----- README.md: its links resolve, and its pieces run copied alone ------------------------------
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -1633,7 +1660,7 @@ def test_a_study_stopped_by_sigterm_resumes_the_stopped_command_on_the_next_run(
     root = make_folder(tmp_path / "data", classes=2, per_class=16, size=(80, 64))
     make_folder(tmp_path / "data", classes=2, per_class=4, size=(80, 64), split="val")
     argv = study_argv(root, tmp_path, "--grid", "resolution", "--arms", "half-32", "--epochs", "3")
-    child = run_child(["study", *argv], cwd=tmp_path)
+    child = run_child(argv, cwd=tmp_path, script="study.py")
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until the pretraining command trains
         logs = list((tmp_path / "study" / "steps").glob("pretrain-*/output.txt"))

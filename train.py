@@ -6,7 +6,7 @@
   python train.py finetune ...         the whole network with mixup, 224 px by default
   python train.py linear | knn ...     evaluations of frozen features
   python train.py export CKPT OUT.pt   the backbone as a plain state_dict with torchvision names
-  python train.py study --data DIR     the paper's comparisons: grids of the above, table and plots
+  python study.py --data DIR           the paper's comparisons: grids of the above (study.py)
   torchrun --nproc_per_node N train.py pretrain ...   any training command on N GPUs (DDP)
 
 README.md's "Paper map" says which paper section and official script each stage reproduces.
@@ -102,9 +102,21 @@ def number(kind=int, low=None, high=None, open_low=False):
 POSITIVE = number(float, 0, open_low=True)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser that also keeps the set of its flags, for stage_flags."""
+
+    def __init__(self, *args, **kwargs):
+        self.flags = set()  # before argparse's __init__, which adds -h
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        self.flags.update(name for name in names if name.startswith("-"))
+        return super().add_argument(*names, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """One subcommand per stage of the recipe (paper map), the study, and export."""
-    parser = argparse.ArgumentParser(description="S3L: scaled-down self-supervised learning",
+    """One subcommand per stage of the recipe (paper map), and export."""
+    parser = Parser(description="S3L: scaled-down self-supervised learning",
                                      formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command")
     add_pretrain_parser(commands)
@@ -120,10 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "backbone as a plain state_dict with torchvision ResNet names, no fc")
     p.add_argument("checkpoint")
     p.add_argument("out")
-    commands.add_parser("study", help="the paper's comparisons (resolution, architecture, data, "
-                        "method) in one command, with cost accounting, a table and plots; see "
-                        "train.py study --help")
+    parser.stages = commands.choices  # {command: its parser}, for stage_flags
     return parser
+
+
+def stage_flags(command: str) -> set:
+    """Every flag of a train.py command, e.g. {"--lr", "--epochs", ...}: what study.py forwards."""
+    return set(build_parser().stages[command].flags)
 
 
 def add_pretrain_parser(commands) -> None:
@@ -1022,9 +1037,6 @@ def main(argv=None) -> None:
     with runs.torchrun_scope():  # torchrun: rank 0 prints; the group is left at the end
         if not argv:
             return default_job()
-        if argv[0] == "study":  # the study parses its own flags and passes the rest to the stages
-            import study  # here, not at the top: study.py imports this module
-            return study.main(argv[1:])
         args = parse_args(argv)
         if args.command is None:
             return build_parser().print_help()
