@@ -125,28 +125,22 @@ def timed(step, n_warmup: int, n_steps: int, batch: int, device) -> float:
 
 
 def make_method(args, name, runtime):
-    """`name` built as train.py builds it (paper defaults; queue and BN groups fitted to the batch).
+    """`name` built as train.py builds it, from train.py's own resolved flags (the method's paper
+    defaults; the queue fitted to whole batches).
 
-    Returns (method, train_step(view1, view2)): forward, backward and SGD step.
+    Returns (method, model (compiled or not), train_step(view1, view2)): train.pretrain_step.
     """
-    paper, bs = train.METHOD_DEFAULTS[name], args.batch_size
-    settings = dict(paper, dim=128, batch_size=bs, bn_batch=min(paper["bn_batch"], bs))
-    if name == "moco":  # the queue takes whole batches
-        settings["moco_k"] = max(bs, paper["moco_k"] // bs * bs)
+    bs, moco_k = args.batch_size, train.METHOD_DEFAULTS["moco"]["moco_k"]
+    flags = train.parse_args(["pretrain", "--method", name, "--arch", args.arch, "--batch-size",
+                              str(bs), "--moco-k", str(max(bs, moco_k // bs * bs))])
     torch.manual_seed(0)
     backbone = models.ARCHS[args.arch](small_stem=args.small_stem)
-    method = runtime.place(s3l.build_method(name, backbone, settings))
-    optimizer = runtime.sgd(method.parameters(), lr=paper["lr"], momentum=0.9,
-                            weight_decay=paper["weight_decay"])
+    method = runtime.place(train.build_method(flags, backbone))
+    optimizer = runtime.sgd(method.parameters(), flags.lr, flags.momentum, flags.weight_decay)
+    state = runs.TrainState(method, optimizer, runtime.scaler())
     model = torch.compile(method) if args.compile else method
-
-    def train_step(view1, view2):
-        with runtime.autocast():
-            loss = model(view1, view2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return method, model, train_step
+    return method, model, lambda view1, view2: train.pretrain_step(model, state, runtime, view1,
+                                                                   view2)
 
 
 def compile_gap(method, model, views, runtime) -> float:
@@ -192,10 +186,36 @@ def jpeg_files(args) -> list:
 # ----- the benchmark ------------------------------------------------------------------------------
 
 def run(args) -> list:
+    """Every row, printed as measured, then the table with the ratios."""
     runtime = runs.setup_device(args.device, args.amp, args.channels_last)
     print(f"{args.arch} small_stem={args.small_stem} at {args.input_size} px, batch "
           f"{args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
     paths = jpeg_files(args)
+    our_views = store_views(args, paths, runtime)
+    rows = []
+    rate = timed(our_views, args.warmup, args.steps, args.batch_size, runtime.device)
+    measured(rows, "augment", "s3l batched", rate)
+    rng = random.Random(0)
+    pil_images = []
+    for p in paths[:args.batch_size]:
+        with Image.open(p) as im:
+            pil_images.append(im.convert("RGB"))
+    rate = timed(lambda: [pil_view(im, args.input_size, rng) for im in pil_images for _ in (0, 1)],
+                 1, max(1, args.steps // 4), args.batch_size, runtime.device)
+    measured(rows, "augment", "PIL per image", rate)
+    items = JpegTwoViews(paths, args.input_size)
+    rate = timed(lambda: [items[i] for i in range(args.batch_size)], 1, max(1, args.steps // 4),
+                 args.batch_size, runtime.device)
+    measured(rows, "augment", "PIL decode+aug", rate)
+    for name in args.methods:
+        method_rows(args, rows, name, paths, our_views, runtime)
+    print_table(rows)
+    return rows
+
+
+def store_views(args, paths: list, runtime):
+    """The files decoded into the uint8 store on the device, as train.py does; returns our_views(),
+    the next batch's two views by train.pretrain_views (--compile: checked against eager)."""
     listing = data.Listing(paths, None, [], "bench")
     augmenter = augment.SSLAugment(args.input_size, resample_dtype=runtime.resample_dtype)
     short_side = data.store_short_side(args.input_size, augmenter.scale[0])
@@ -208,61 +228,48 @@ def run(args) -> list:
     if bs > n:
         raise SystemExit(f"--batch-size {bs} is larger than the {n} images: raise --images")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).repeat(64).to(dev)
-    cursor = [0]
-
-    def our_views():
-        start = cursor[0] % (n - bs + 1)
-        cursor[0] += bs
-        x, sizes = store.batch(order[start:start + bs], dev)  # uint8, as train.py
-        return [runtime.prepare(apply(x, augmenter.sample(sizes, generator))) for _ in range(2)]
-
-    rows = []
     if args.compile:  # the compiled augmentation must draw the same views as the eager one
         x, sizes = store.batch(order[:bs], dev)
         params = augmenter.sample(sizes, generator)
         gap = (apply(x, params) - augmenter.apply(x, params)).abs().max().item()
         print(f"augmentation: max |view compiled - eager| on one batch = {gap:.2e}")
-    rate = timed(our_views, args.warmup, args.steps, bs, dev)
-    measured(rows, "augment", "s3l batched", rate)
-    rng = random.Random(0)
-    pil_images = []
-    for p in paths[:bs]:
-        with Image.open(p) as im:
-            pil_images.append(im.convert("RGB"))
-    rate = timed(lambda: [pil_view(im, args.input_size, rng) for im in pil_images for _ in (0, 1)],
-                 1, max(1, args.steps // 4), bs, dev)
-    measured(rows, "augment", "PIL per image", rate)
-    items = JpegTwoViews(paths, args.input_size)
-    rate = timed(lambda: [items[i] for i in range(bs)], 1, max(1, args.steps // 4), bs, dev)
-    measured(rows, "augment", "PIL decode+aug", rate)
+    cursor = [0]
 
-    for name in args.methods:
-        method, model, step = make_method(args, name, runtime)
-        shape = (bs, 3, args.input_size, args.input_size)
-        r1, r2 = (runtime.prepare(torch.randn(shape, device=dev)) for _ in range(2))
-        if args.compile:
-            print(f"{name}: |loss compiled - eager| on one batch = "
-                  f"{compile_gap(method, model, (r1, r2), runtime):.2e}")
-        floor = timed(lambda: step(r1, r2), args.warmup, args.steps, bs, dev)
-        measured(rows, name, "floor", floor)
-        ours = timed(lambda: step(*our_views()), args.warmup, args.steps, bs, dev)
-        measured(rows, name, "s3l", ours)
-        loader = torch.utils.data.DataLoader(JpegTwoViews(paths, args.input_size), batch_size=bs,
-                                             shuffle=True, num_workers=args.workers, drop_last=True,
-                                             persistent_workers=args.workers > 0,
-                                             pin_memory=dev.type == "cuda")
-        # the workers start on the first request, with workers x prefetch_factor batches in flight:
-        # one extra warm-up step per batch in flight, so the clock starts in the steady state, not
-        # on batches made while the model was idle
-        drain = args.workers * loader.prefetch_factor if args.workers else 0
-        conv = timed(conventional_step(loader, step, runtime), args.warmup + drain, args.steps,
-                     bs, dev)
-        del loader  # stops its workers: batches still in flight would slow the next rows
-        measured(rows, name, "conventional", conv)
-        if args.profile and name == args.methods[0]:
-            profile(lambda: step(*our_views()), runtime)
-    print_table(rows)
-    return rows
+    def our_views():  # train.py's: uint8 store -> the batch's two views on the device
+        start = cursor[0] % (n - bs + 1)
+        cursor[0] += bs
+        return train.pretrain_views(store, order[start:start + bs], augmenter, generator,
+                                    runtime, apply)
+    return our_views
+
+
+def method_rows(args, rows: list, name: str, paths: list, our_views, runtime) -> None:
+    """The floor, s3l and conventional rows of method `name` (and --profile's table)."""
+    method, model, step = make_method(args, name, runtime)
+    bs, dev = args.batch_size, runtime.device
+    shape = (bs, 3, args.input_size, args.input_size)
+    r1, r2 = (runtime.prepare(torch.randn(shape, device=dev)) for _ in range(2))
+    if args.compile:
+        print(f"{name}: |loss compiled - eager| on one batch = "
+              f"{compile_gap(method, model, (r1, r2), runtime):.2e}")
+    floor = timed(lambda: step(r1, r2), args.warmup, args.steps, bs, dev)
+    measured(rows, name, "floor", floor)
+    ours = timed(lambda: step(*our_views()), args.warmup, args.steps, bs, dev)
+    measured(rows, name, "s3l", ours)
+    loader = torch.utils.data.DataLoader(JpegTwoViews(paths, args.input_size), batch_size=bs,
+                                         shuffle=True, num_workers=args.workers, drop_last=True,
+                                         persistent_workers=args.workers > 0,
+                                         pin_memory=dev.type == "cuda")
+    # the workers start on the first request, with workers x prefetch_factor batches in flight:
+    # one extra warm-up step per batch in flight, so the clock starts in the steady state, not
+    # on batches made while the model was idle
+    drain = args.workers * loader.prefetch_factor if args.workers else 0
+    conv = timed(conventional_step(loader, step, runtime), args.warmup + drain, args.steps, bs,
+                 dev)
+    del loader  # stops its workers: batches still in flight would slow the next rows
+    measured(rows, name, "conventional", conv)
+    if args.profile and name == args.methods[0]:
+        profile(lambda: step(*our_views()), runtime)
 
 
 def conventional_step(loader, step, runtime):

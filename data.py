@@ -315,6 +315,62 @@ def prune_cache(cache_dir: str, max_bytes: int, keep: str, log=print) -> None:
         log(f"cache over {format_bytes(max_bytes)}: removed {path} ({format_bytes(size)})")
 
 
+def _read_cache(base: str, name: str, short_side: int, log):
+    """(images memmap, sizes, kept) of the cache files base.npy + base.json, or None when there is
+    none; a damaged one (truncated, unreadable) is named, removed and so decoded again."""
+    if not (os.path.exists(base + ".npy") and os.path.exists(base + ".json")):
+        return None
+    try:
+        with open(base + ".json") as f:
+            meta = json.load(f)
+        images = np.load(base + ".npy", mmap_mode="r")
+        sizes = np.asarray(meta["sizes"], dtype=np.int64).reshape(-1, 2)
+        if images.shape[0] != len(sizes) or len(sizes) != len(meta["kept"]):
+            raise ValueError(f"{images.shape[0]} images but {len(sizes)} sizes")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log(f"cache {base}.npy is damaged ({e}): removed, decoding again")
+        for suffix in (".npy", ".json"):
+            with contextlib.suppress(OSError):
+                os.remove(base + suffix)
+        return None
+    os.utime(base + ".npy")  # recently used: prune_cache removes the oldest first
+    log(f"{name}: {len(sizes)} images, short side <= {short_side} px, canvas {images.shape[-1]} "
+        f"px, {format_bytes(images.nbytes)} from cache {base}.npy")
+    return images, sizes, meta["kept"]
+
+
+def _decode_into(out: np.ndarray, listing: Listing, short_side: int, max_aspect: float,
+                 workers: int):
+    """Decode every file of `listing` into the rows of `out` (N, 3, L, L), packed: a skipped file
+    leaves no hole. Returns (kept indices, sizes (h, w), skipped (path, error))."""
+    n, kept, sizes, skipped = len(listing.paths), [], [], []
+    t0 = shown = time.time()
+    jobs = [(p, short_side, max_aspect) for p in listing.paths]
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(workers) if workers > 1 and n >= 64 else None
+    results = pool.imap(_decode_or_error, jobs, chunksize=16) if pool else \
+        map(_decode_or_error, jobs)
+    try:
+        for i, (img, err) in enumerate(results):
+            if err is None:
+                h, w = img.shape[1:]
+                out[len(kept), :, :h, :w] = img
+                kept.append(i)
+                sizes.append((h, w))
+            else:
+                skipped.append((listing.paths[i], err))
+            if time.time() - shown > 2 or i == n - 1:
+                shown = time.time()
+                rate = (i + 1) / max(shown - t0, 1e-9)
+                print(f"\rdecoding {listing.name}: {i + 1}/{n} ({rate:.0f} img/s)", end="",
+                      file=sys.stderr, flush=True)
+    finally:
+        if pool:
+            pool.close()
+    print(file=sys.stderr)
+    return kept, sizes, skipped
+
+
 def load_split(listing: Listing, short_side: int, cache_dir: str, workers: int = 0, log=print,
                max_aspect: float = MAX_ASPECT, max_bytes: int = None):
     """Decode a split once (decode_image), cached in `cache_dir` and memory-mapped.
@@ -330,44 +386,15 @@ def load_split(listing: Listing, short_side: int, cache_dir: str, workers: int =
     os.makedirs(cache_dir, exist_ok=True)
     key = _cache_key(listing.paths, short_side, max_aspect)
     base = os.path.join(cache_dir, f"{listing.name}-{short_side}px-{max_aspect:.3g}-{key}")
-    if os.path.exists(base + ".npy") and os.path.exists(base + ".json"):
-        with open(base + ".json") as f:
-            meta = json.load(f)
-        images = np.load(base + ".npy", mmap_mode="r")
-        os.utime(base + ".npy")  # recently used: prune_cache removes the oldest first
-        log(f"{listing.name}: {len(meta['kept'])} images, short side <= {short_side} px, canvas "
-            f"{images.shape[-1]} px, {format_bytes(images.nbytes)} from cache {base}.npy")
-        return images, np.asarray(meta["sizes"], dtype=np.int64).reshape(-1, 2), meta["kept"]
-    n, long_max = len(listing.paths), max(1, round(short_side * max_aspect))
+    cached = _read_cache(base, listing.name, short_side, log)
+    if cached:
+        return cached
+    n, long_max, t0 = len(listing.paths), max(1, round(short_side * max_aspect)), time.time()
     tmp = f"{base}.{os.getpid()}.tmp.npy"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                     shape=(n, 3, long_max, long_max))  # zeros outside each image
-    kept, sizes, skipped, t0 = [], [], [], time.time()
-    shown = t0
-    workers = workers or os.cpu_count() or 1
-    jobs = [(p, short_side, max_aspect) for p in listing.paths]
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(workers) if workers > 1 and n >= 64 else None
-    results = pool.imap(_decode_or_error, jobs, chunksize=16) if pool else \
-        map(_decode_or_error, jobs)
-    try:
-        for i, (img, err) in enumerate(results):
-            if err is None:
-                h, w = img.shape[1:]
-                out[len(kept), :, :h, :w] = img  # rows are packed: a skipped file leaves no hole
-                kept.append(i)
-                sizes.append((h, w))
-            else:
-                skipped.append((listing.paths[i], err))
-            if time.time() - shown > 2 or i == n - 1:
-                shown = time.time()
-                rate = (i + 1) / max(shown - t0, 1e-9)
-                print(f"\rdecoding {listing.name}: {i + 1}/{n} ({rate:.0f} img/s)", end="",
-                      file=sys.stderr, flush=True)
-    finally:
-        if pool:
-            pool.close()
-    print(file=sys.stderr)
+    kept, sizes, skipped = _decode_into(out, listing, short_side, max_aspect,
+                                        workers or os.cpu_count() or 1)
     out.flush()
     del out
     for path, err in skipped[:10]:

@@ -5,17 +5,22 @@ paper (S3L, arXiv 2103.13559: every stage of its recipe is one such loop).
 
   folder       lock_run_folder, unlock_run_folder (one run per folder), check_writable_folder
   checkpoints  save_checkpoint, read_checkpoint (atomic writes, a checksum inside), TrainState
-               (the one checkpoint format), write_checkpoints
+               (the one checkpoint format); backbone_state, checkpoint_backbone, infer_arch,
+               load_backbone, export_backbone (a ResNet backbone out of ours, exports and the
+               official ones: how the S3L recipe moves conv1-4 between its stages)
   processes    torchrun_ranks, world_size, torchrun_scope (rank 0 prints; the group is left at the
                end), local_rank_0_first, broadcast_buffers, mean_over_processes (the meter's
                read-backs, so every process takes the same decision to stop)
   how it runs  Runtime, setup_device: device, precision and channels_last, decided here, once;
-               under torchrun the process group, each process's share of a batch, DDP
+               under torchrun the process group, each process's share of a batch, DDP;
+               centre_view_outputs (a function of every image's centre view, shared out)
   records      RunLog (config.json, log.jsonl, summary.json: always valid JSON), EpochMeter (loss
                summed on the device, the progress line, non-finite losses caught), Interrupt
                (a context: SIGINT/SIGTERM end the current step, then the loop saves and exits)
-  resuming     files_digest, resume_checkpoint, check_resume, resume_point, epoch_order,
-               epoch_meter, interrupted_epoch, stop_interrupted (--resume continues a run exactly)
+  resuming     files_digest, resume_checkpoint, check_resume, epoch_order (--resume continues a
+               run exactly)
+  a loop       Run: the bookkeeping of every training loop of train.py behind a handful of calls
+               (epochs, steps, batch, step_done, epoch_record, save_epoch)
 """
 import contextlib
 import hashlib
@@ -31,6 +36,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+import augment
+import models
 
 LOCK_NAME = ".lock"
 
@@ -161,28 +169,18 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
 
-    def checkpoint(self, kind: str, config: dict, backbone: dict, epoch: int, wall_s: float,
-                   stages: list, **extra) -> dict:
-        """The one checkpoint format of every training command: `kind` is the command, `config`
-        its resolved settings, `stages` the pipeline so far (cost accounting). `epoch` epochs are
-        complete; an interrupted one adds `step` and the random states to continue from."""
-        return dict(format="s3l", kind=kind, model=self.model.state_dict(),
+    def checkpoint(self, epoch: int, **fields) -> dict:
+        """The one checkpoint format of every training command: the state after `epoch` complete
+        epochs, with `fields` (Run: the command as `kind`, its resolved `config`, the `backbone`,
+        the pipeline's `stages`, `wall_s`; an interrupted epoch adds `step` and random states)."""
+        return dict(format="s3l", model=self.model.state_dict(),
                     optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                    epoch=epoch, wall_s=wall_s, config=config, backbone=backbone,
-                    stages=stages, **extra)
+                    epoch=epoch, **fields)
 
     def resume(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
-
-
-def write_checkpoints(save_dir: str, state: dict, save_every: int) -> None:
-    """checkpoint.pt (the latest, every epoch) and, every `save_every` epochs, a numbered copy as
-    the official code keeps (checkpoint_0020.pt, ...)."""
-    save_checkpoint(os.path.join(save_dir, "checkpoint.pt"), state)
-    if state["epoch"] % save_every == 0 and "step" not in state:
-        save_checkpoint(os.path.join(save_dir, f"checkpoint_{state['epoch']:04d}.pt"), state)
 
 
 def random_states(generator: torch.Generator) -> dict:
@@ -199,6 +197,105 @@ def set_random_states(generator: torch.Generator, states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+
+
+# ----- backbones in checkpoints: ours, exports, the official S3L/MoCo/BYOL ones -------------------
+
+# prefixes under which a backbone sits in this project's methods and in the official S3L/MoCo/BYOL
+# checkpoints; the first that matches is stripped
+BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.encoder.", "encoder.", "online.",
+                     "module.")
+
+
+def backbone_state(state_dict: dict) -> dict:
+    """The ResNet backbone of any supported state_dict, with torchvision names and no `fc`.
+
+    Accepts a plain ResNet state_dict (an export, a fine-tuned model) or an SSL model's (ours:
+    encoder_q., encoder., online.; official: module.encoder_q., encoder_q., module.). Heads and
+    queues are dropped.
+    """
+    for prefix in BACKBONE_PREFIXES:
+        if any(key.startswith(prefix) for key in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            break
+    return {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+
+
+def checkpoint_backbone(ckpt: dict) -> dict:
+    """The backbone state_dict (torchvision names, no fc) of a loaded checkpoint: this project's
+    keep the model under "model", the official S3L/MoCo ones under "state_dict", exports are plain
+    state_dicts. Raises ValueError naming the keys found when it holds no ResNet."""
+    state = ckpt["model"] if ckpt.get("format") == "s3l" else ckpt.get("state_dict", ckpt)
+    backbone = backbone_state(state) if isinstance(state, dict) else {}
+    if not isinstance(backbone.get("conv1.weight"), torch.Tensor):
+        raise ValueError(f"no ResNet backbone found (expected keys like conv1.weight, "
+                         f"layer1.0.conv1.weight, under one of {', '.join(BACKBONE_PREFIXES)}); "
+                         f"found: {', '.join(list(ckpt)[:6])}")
+    return backbone
+
+
+def read_backbone(path: str):
+    """(checkpoint, backbone state_dict) of the file at `path` (checkpoint_backbone), or (None,
+    None) without a path: ours, an export, or an official S3L/MoCo/BYOL checkpoint."""
+    if not path:
+        return None, None
+    ckpt = read_checkpoint(path)
+    try:
+        return ckpt, checkpoint_backbone(ckpt)
+    except ValueError as e:
+        raise SystemExit(f"{path}: {e}") from None
+
+
+def infer_arch(state: dict):
+    """(arch, conv5, small_stem) of a backbone state_dict, read off its keys and shapes."""
+    arch = "resnet50" if "layer1.0.conv3.weight" in state else \
+        "resnet34" if "layer3.5.conv1.weight" in state else "resnet18"
+    return arch, any(k.startswith("layer4.") for k in state), state["conv1.weight"].shape[-1] == 3
+
+
+def load_backbone(model: torch.nn.Module, state: dict, allow_missing=("fc.",)) -> list:
+    """Load backbone weights into `model`; a partial load only where `allow_missing` says.
+
+    state: a backbone state_dict (see backbone_state). Returns the missing keys that were allowed
+    (e.g. `layer4.` when conv1-4 come from a small-architecture checkpoint). Raises ValueError
+    naming the missing, unexpected or mis-shaped keys otherwise, never loading silently in part.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(tuple(allow_missing))]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def head(keys):
+            more = f" ... ({len(keys)} in all)" if len(keys) > 6 else ""
+            return ", ".join(keys[:6]) + more or "none"
+        raise ValueError(f"the checkpoint does not fit this model: missing keys: {head(missing)}; "
+                         f"unexpected keys: {head(unexpected)}; shape mismatches: {head(shapes)}")
+    model.load_state_dict(state, strict=False)
+    return [k for k in own if k not in state]
+
+
+def export_backbone(checkpoint: str, out: str) -> None:
+    """`train.py export`: a checkpoint's backbone as a plain state_dict with torchvision ResNet
+    names, no fc; it loads with strict=True into models.resnetXX(num_classes=0) of the same depth.
+    Never written onto its own input or onto another training checkpoint."""
+    if os.path.exists(out) and (os.path.samefile(out, checkpoint) or
+                                "optimizer" in read_checkpoint(out)):
+        what = "the checkpoint it reads" if os.path.samefile(out, checkpoint) else \
+            "a training checkpoint"
+        raise SystemExit(f"export: {out} is {what}; writing there would destroy it: pass another "
+                         "output path")
+    _, state = read_backbone(checkpoint)
+    arch, conv5, small_stem = infer_arch(state)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    try:
+        models.ARCHS[arch](conv5=conv5, small_stem=small_stem).load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise SystemExit(f"{checkpoint}: the backbone does not load into {arch}: {e}") from None
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_checkpoint(out, state)
+    print(f"wrote {len(state)} tensors of a {arch} backbone (conv5={conv5}, "
+          f"small_stem={small_stem}) to {out}")
 
 
 # ----- several processes (torchrun) ---------------------------------------------------------------
@@ -396,6 +493,35 @@ def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = 
     reason += f", {ranks[2]} processes ({backend})"
     print(f"device: {reason}")
     return Runtime(device, dtype, channels_last, reason, resample, True, *ranks)
+
+
+# ----- evaluation over the processes -------------------------------------------------------------
+
+@torch.no_grad()
+def centre_view_outputs(fn, store, input_size: int, runtime: Runtime,
+                        batch_size: int = 256) -> torch.Tensor:
+    """fn(centre views) for every image of `store`, in order: (N, ...). Under torchrun each process
+    computes one contiguous share (the last padded with copies of the last image) and the shares
+    are gathered, so every process holds the same result."""
+    n, t0 = len(store), time.time()
+    per = math.ceil(n / runtime.world_size)
+    mine = torch.arange(runtime.rank * per, (runtime.rank + 1) * per, device=runtime.device)
+    mine = mine.clamp_(max=n - 1)
+    outputs = []
+    for start in range(0, per, batch_size):
+        images, sizes = store.batch(mine[start:start + batch_size], runtime.device)
+        x = augment.center_view(images, sizes, input_size, dtype=runtime.resample_dtype)
+        with runtime.autocast():
+            outputs.append(fn(runtime.prepare(x)))
+        if time.time() - t0 > 5:
+            done = min(start + batch_size, per)
+            print(f"\rcentre views: {done}/{per}", end="\n" if done == per else "", flush=True)
+    out = torch.cat(outputs)
+    if _joined():  # every process's share, in rank order
+        shares = [torch.empty_like(out) for _ in range(runtime.world_size)]
+        dist.all_gather(shares, out.contiguous())
+        out = torch.cat(shares)
+    return out[:n]
 
 
 # ----- records ------------------------------------------------------------------------------------
@@ -629,15 +755,6 @@ def check_resume(path: str, ckpt: dict, settings: dict, train_files, world_size:
               "(--simclr-local-negatives) change size")
 
 
-def resume_point(ckpt) -> dict:
-    """Where the loop starts: epoch 0, or after the checkpoint's last complete epoch, or inside an
-    interrupted epoch (step, random states and loss sums saved with it)."""
-    if ckpt is None:
-        return dict(epoch=0, step=0, wall_s=0.0)
-    return dict(epoch=ckpt["epoch"], step=ckpt.get("step", 0), wall_s=ckpt["wall_s"],
-                rng=ckpt.get("rng"), sums=ckpt.get("sums", (0.0, 0.0)))
-
-
 def epoch_order(seed: int, epoch: int, n: int, generator, device) -> torch.Tensor:
     """Re-seed the epoch's random streams from (seed, epoch) and return its data order, (n,) on
     `device`: a run resumed at an epoch boundary draws exactly what the uninterrupted run drew, with
@@ -648,31 +765,128 @@ def epoch_order(seed: int, epoch: int, n: int, generator, device) -> torch.Tenso
     return torch.randperm(n, generator=torch.Generator().manual_seed(s)).to(device)
 
 
-def epoch_meter(start: dict, epoch: int, generator: torch.Generator, epochs: int, steps: int,
-                batch_size: int, images: int, print_freq: int,
-                device: torch.device) -> EpochMeter:
-    """The epoch's meter (the other arguments: EpochMeter's); an interrupted epoch, where `start`
-    (resume_point) is inside it, continues its random streams and loss sums."""
-    if epoch == start["epoch"] and start["step"]:
-        set_random_states(generator, start["rng"])
-        return EpochMeter(epoch, epochs, steps, batch_size, images, print_freq, device,
-                          start["step"], start["sums"])
-    return EpochMeter(epoch, epochs, steps, batch_size, images, print_freq, device)
+# ----- a training loop's bookkeeping, behind one object ---------------------------------------------
 
+class Run:
+    """What every training loop of train.py does besides its maths, behind a handful of calls:
 
-def interrupted_epoch(meter: EpochMeter, generator: torch.Generator) -> dict:
-    """What the checkpoint of an interrupted epoch adds, so that --resume continues exactly: the
-    step, the loss sums and the random states. Under torchrun a collective (EpochMeter.sums): every
-    process calls it, before rank 0 writes; the random states are the same in every process (each
-    draws the whole batch's), the loss sums are means over them."""
-    return dict(step=meter.step_done, sums=meter.sums(), rng=random_states(generator))
+        with runs.Run(...) as run:
+            for epoch in run.epochs():             # seeded order, meter; --resume's start
+                for step in run.steps():
+                    idx = run.batch(step)          # this step's images, of all processes
+                    ...views, loss, backward, SGD...
+                    run.step_done(step, loss, lr)  # meter; Ctrl-C: save mid-epoch and exit
+                record = run.epoch_record()        # loss, lr, speed; rank 0's BN statistics
+                ...evaluation into record...
+                run.save_epoch(record)             # finite weights, checkpoint, log line
 
+    It holds the run log (config.json, log.jsonl), the TrainState, where the run starts (resumed,
+    mid-epoch too: the step, random states and loss sums), each epoch's order and the views'
+    generator, the meter, the interrupt, and this stage's record for cost accounting. A loop
+    resumed mid-epoch draws exactly what the uninterrupted one drew.
 
-def stop_interrupted(meter: EpochMeter, save_dir: str) -> None:
-    """Ctrl-C or SIGTERM, once the interrupted epoch is saved in save_dir/checkpoint.pt: say how
-    to continue and exit with status 130. Under torchrun every process gets here after the same
-    step (EpochMeter.add)."""
-    path = os.path.join(save_dir, "checkpoint.pt")
-    print(f"\ninterrupted in epoch {meter.epoch + 1} after step {meter.step_done}: saved {path}. "
-          f"Continue with the same command and --resume {path}")
-    raise SystemExit(130)
+    resumed: the --resume checkpoint or None. fields: what every checkpoint carries (kind, config,
+    backbone, train_files). stages: the pipeline's earlier stages; stage: this one's record (epochs,
+    macs_per_image, images_per_epoch, ...; wall_s is added). results: values that the checkpoints
+    carry and save_epoch updates (the supervised stages' test top-1).
+    """
+
+    def __init__(self, runtime: Runtime, state: TrainState, log: RunLog, resumed, *,
+                 save_dir: str, save_every: int, seed: int, epochs: int, steps: int,
+                 batch_size: int, images: int, print_freq: int, fields: dict, stages: list,
+                 stage: dict, results: dict = None):
+        self.runtime, self.state, self.log = runtime, state, log
+        self.save_dir, self.save_every, self.seed, self.print_freq = (save_dir, save_every, seed,
+                                                                      print_freq)
+        self.num_epochs, self.num_steps, self.batch_size, self.images = (epochs, steps,
+                                                                         batch_size, images)
+        self.fields, self.stages, self.stage = fields, stages, stage
+        self.results = dict(results or {})
+        if resumed:
+            state.resume(resumed)
+        self.start = dict(epoch=resumed["epoch"], step=resumed.get("step", 0),
+                          wall_s=resumed["wall_s"], rng=resumed.get("rng"),
+                          sums=resumed.get("sums", (0.0, 0.0))) if resumed else \
+            dict(epoch=0, step=0, wall_s=0.0)
+        self.t0 = time.time() - self.start["wall_s"]  # the run's clock, the resumed part included
+        self.generator = torch.Generator(runtime.device)  # the views' random stream
+        self.interrupt = Interrupt(repeat_stops=not runtime.distributed)
+        self.epoch, self.order, self.meter = self.start["epoch"], None, None
+
+    def __enter__(self) -> "Run":
+        self.interrupt.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.interrupt.__exit__(*exc)
+
+    def epochs(self):
+        """The epochs left, from 0 or --resume's; each gets its seeded order and a meter (an
+        interrupted epoch continues its random streams and loss sums)."""
+        for epoch in range(self.start["epoch"], self.num_epochs):
+            self.epoch = epoch
+            self.order = epoch_order(self.seed, epoch, self.images, self.generator,
+                                     self.runtime.device)
+            inside = epoch == self.start["epoch"] and self.start["step"]
+            if inside:
+                set_random_states(self.generator, self.start["rng"])
+            self.meter = EpochMeter(epoch, self.num_epochs, self.num_steps, self.batch_size,
+                                    self.stage["images_per_epoch"], self.print_freq,
+                                    self.runtime.device, *((self.start["step"],
+                                                            self.start["sums"]) if inside else ()))
+            yield epoch
+
+    def steps(self) -> range:
+        return range(self.meter.first_step, self.num_steps)
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The image indices of step `step` of this epoch, (B,), of all processes."""
+        return self.order[step * self.batch_size:(step + 1) * self.batch_size]
+
+    def step_done(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        """Count the step's loss (read back every print_freq steps). After Ctrl-C or SIGTERM: save
+        the interrupted epoch (the step, loss sums and random states), say how to continue, exit
+        130. Under torchrun every process stops after the same step (EpochMeter.add)."""
+        if not self.meter.add(step, loss, lr, stop=self.interrupt.requested):
+            return
+        # meter.sums() is a collective: every process calls it, before rank 0 writes
+        self.save(self.epoch, step=self.meter.step_done, sums=self.meter.sums(),
+                  rng=random_states(self.generator))
+        path = os.path.join(self.save_dir, "checkpoint.pt")
+        print(f"\ninterrupted in epoch {self.epoch + 1} after step {self.meter.step_done}: saved "
+              f"{path}. Continue with the same command and --resume {path}")
+        raise SystemExit(130)
+
+    def epoch_record(self) -> dict:
+        """The epoch's log record (mean loss, lr, seconds, images/s), once every process holds
+        rank 0's buffers: what the checkpoint saves and evaluation uses (broadcast_buffers)."""
+        record = self.meter.record()
+        broadcast_buffers(self.state.model)
+        return record
+
+    def save_epoch(self, record: dict, **results) -> None:
+        """End of an epoch: stop if the weights are not finite, write the checkpoint (results
+        updated), then log `record`."""
+        self.results.update(results)
+        check_finite_weights(self.state.model, self.epoch + 1)
+        self.save(self.epoch + 1)
+        self.log.record(record)
+
+    def save(self, epoch: int, **extra) -> None:
+        """checkpoint.pt (rank 0 only) after `epoch` complete epochs, and every save_every epochs a
+        numbered copy as the official code keeps (checkpoint_0020.pt, ...)."""
+        if not self.runtime.is_main:
+            return
+        ckpt = self.state.checkpoint(epoch, **self.fields, stages=self.all_stages(),
+                                     wall_s=self.wall_s(), world_size=self.runtime.world_size,
+                                     **self.results, **extra)
+        save_checkpoint(os.path.join(self.save_dir, "checkpoint.pt"), ckpt)
+        if epoch % self.save_every == 0 and "step" not in extra:
+            save_checkpoint(os.path.join(self.save_dir, f"checkpoint_{epoch:04d}.pt"), ckpt)
+
+    def wall_s(self) -> float:
+        return time.time() - self.t0
+
+    def all_stages(self) -> list:
+        """The pipeline's stages with this one's record so far last (--resume replaces it)."""
+        return self.stages + [dict(self.stage, wall_s=round(self.wall_s(), 1))]

@@ -9,12 +9,12 @@ arXiv 2002.05709); MoCo (He et al. 2020, arXiv 1911.05722) and MoCo v2 (Chen et 
   losses   nt_xent, info_nce, byol_loss, momentum_update_  (fp32 even under autocast)
   ranks    rank_and_world_size, concat_all_gather, gather_with_grad  (no-ops in one process)
   heads    mlp, SplitBatchNorm, group_views, ungroup_views, split_batchnorm_
-  methods  SimCLR, MoCo, BYOL, METHODS, build_method  (each forward(view1, view2) -> loss: one
-           loop trains all)
+  methods  SimCLR, MoCo, BYOL, METHODS  (each forward(view1, view2) -> loss: one loop trains
+           all)
   eval     knn_top1
-  recipe   backbone_state, checkpoint_backbone, infer_arch, load_backbone, freeze_all_but_conv5,
-           mixup, mixup_loss, classifier_loss (small architecture: conv1-4 from SSL, a fresh conv5
-           warmed up; fine-tuning with mixup); set_lr, lr_at (warm-up, then cosine, or steps)
+  recipe   freeze_all_but_conv5 (small architecture: conv1-4 from SSL, a fresh conv5 warmed up),
+           mixup, mixup_loss, classifier_loss (fine-tuning with mixup); set_lr, lr_at (warm-up,
+           then cosine, or steps). Backbones move between stages through runs.py's checkpoints.
 
 Encoders are passed in (any module with `fc` and `forward_features`, e.g. models.resnet18()); this
 file does no file I/O and no printing. Several processes (torchrun + DDP) are optional: without an
@@ -373,26 +373,6 @@ class BYOL(nn.Module):
 METHODS = {"moco": MoCo, "simclr": SimCLR, "byol": BYOL}  # MoCo v2: the paper's main method
 
 
-def build_method(name: str, encoder, settings: dict, processes: int = 1) -> torch.nn.Module:
-    """The method `name` of METHODS around `encoder`, from settings named as train.py's flags.
-
-    settings: moco_k, moco_m, moco_t / simclr_t, simclr_base_t / byol_tau, byol_hidden_dim, and
-    dim, batch_size, bn_batch (images per BN group, 0: one group), e.g. train.METHOD_DEFAULTS[name]
-    with dim=128. processes: how many share the batch (torchrun): each splits its share into groups.
-    """
-    per_process = settings["batch_size"] // processes
-    bn_splits = per_process // settings["bn_batch"] if settings["bn_batch"] else 1
-    if name == "moco":
-        return MoCo(encoder, dim=settings["dim"], moco_k=settings["moco_k"],
-                    moco_m=settings["moco_m"], moco_t=settings["moco_t"], bn_splits=bn_splits)
-    if name == "simclr":
-        return SimCLR(encoder, dim=settings["dim"], temperature=settings["simclr_t"],
-                      base_temperature=settings["simclr_base_t"], bn_splits=bn_splits,
-                      gather_negatives=not settings.get("simclr_local_negatives"))
-    return BYOL(encoder, dim=settings["dim"], hidden_dim=settings["byol_hidden_dim"],
-                tau=settings["byol_tau"], bn_splits=bn_splits)
-
-
 # ----- evaluation: weighted kNN (Wu et al. 2018) --------------------------------------------------
 
 @torch.no_grad()
@@ -414,69 +394,7 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, k: int = 200,
     return 100.0 * correct / test_feats.shape[0]
 
 
-# ----- the S3L recipe: moving backbones between stages --------------------------------------------
-
-# prefixes under which a backbone sits in this project's methods and in the official S3L/MoCo/BYOL
-# checkpoints; the first that matches is stripped
-BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.encoder.", "encoder.", "online.",
-                     "module.")
-
-
-def backbone_state(state_dict: dict) -> dict:
-    """The ResNet backbone of any supported state_dict, with torchvision names and no `fc`.
-
-    Accepts a plain ResNet state_dict (an export, a fine-tuned model) or an SSL model's (ours:
-    encoder_q., encoder., online.; official: module.encoder_q., encoder_q., module.). Heads and
-    queues are dropped.
-    """
-    for prefix in BACKBONE_PREFIXES:
-        if any(key.startswith(prefix) for key in state_dict):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            break
-    return {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-
-
-def checkpoint_backbone(ckpt: dict) -> dict:
-    """The backbone state_dict (torchvision names, no fc) of a loaded checkpoint: this project's
-    keep the model under "model", the official S3L/MoCo ones under "state_dict", exports are plain
-    state_dicts. Raises ValueError naming the keys found when it holds no ResNet."""
-    state = ckpt["model"] if ckpt.get("format") == "s3l" else ckpt.get("state_dict", ckpt)
-    backbone = backbone_state(state) if isinstance(state, dict) else {}
-    if not isinstance(backbone.get("conv1.weight"), torch.Tensor):
-        raise ValueError(f"no ResNet backbone found (expected keys like conv1.weight, "
-                         f"layer1.0.conv1.weight, under one of {', '.join(BACKBONE_PREFIXES)}); "
-                         f"found: {', '.join(list(ckpt)[:6])}")
-    return backbone
-
-
-def infer_arch(state: dict):
-    """(arch, conv5, small_stem) of a backbone state_dict, read off its keys and shapes."""
-    arch = "resnet50" if "layer1.0.conv3.weight" in state else \
-        "resnet34" if "layer3.5.conv1.weight" in state else "resnet18"
-    return arch, any(k.startswith("layer4.") for k in state), state["conv1.weight"].shape[-1] == 3
-
-
-def load_backbone(model: nn.Module, state: dict, allow_missing=("fc.",)) -> list:
-    """Load backbone weights into `model`; a partial load only where `allow_missing` says.
-
-    state: a backbone state_dict (see backbone_state). Returns the missing keys that were allowed
-    (e.g. `layer4.` when conv1-4 come from a small-architecture checkpoint). Raises ValueError
-    naming the missing, unexpected or mis-shaped keys otherwise, never loading silently in part.
-    """
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith(tuple(allow_missing))]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-              for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def head(keys):
-            more = f" ... ({len(keys)} in all)" if len(keys) > 6 else ""
-            return ", ".join(keys[:6]) + more or "none"
-        raise ValueError(f"the checkpoint does not fit this model: missing keys: {head(missing)}; "
-                         f"unexpected keys: {head(unexpected)}; shape mismatches: {head(shapes)}")
-    model.load_state_dict(state, strict=False)
-    return [k for k in own if k not in state]
-
+# ----- the S3L recipe: small architecture, mixup --------------------------------------------------
 
 def freeze_all_but_conv5(model: nn.Module) -> list:
     """S3L small architecture, conv5 warm-up: only `layer4` and `fc` keep requires_grad.

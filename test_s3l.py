@@ -1261,9 +1261,9 @@ def test_subsets_are_reproducible_from_the_seed_and_honour_their_counts():
 
 
 def test_load_backbone_names_missing_and_unexpected_keys_instead_of_loading_in_part():
-    r50 = s3l.backbone_state(models.resnet50().state_dict())
+    r50 = runs.backbone_state(models.resnet50().state_dict())
     with pytest.raises(ValueError, match=r"missing keys: .*unexpected keys: layer1.0.conv3.weight"):
-        s3l.load_backbone(models.resnet18(), r50)
+        runs.load_backbone(models.resnet18(), r50)
 
 
 def test_backbone_state_strips_official_moco_and_byol_prefixes():
@@ -1274,9 +1274,9 @@ def test_backbone_state_strips_official_moco_and_byol_prefixes():
     official.update({"module.encoder_q.fc.0.weight": torch.zeros(2, 2),
                      "module.queue": torch.zeros(2, 2),
                      "module.encoder_k.conv1.weight": torch.zeros(1)})
-    assert s3l.backbone_state(official).keys() == sd.keys()
+    assert runs.backbone_state(official).keys() == sd.keys()
     byol = {f"encoder_q.{k}": v for k, v in sd.items()} | {"projector.net.0.weight": torch.zeros(1)}
-    assert s3l.backbone_state(byol).keys() == sd.keys()
+    assert runs.backbone_state(byol).keys() == sd.keys()
 
 
 @pytest.fixture(scope="module")
@@ -1305,7 +1305,7 @@ def test_warmup_trains_only_conv5_and_fc(pretrained_run):
                                                                                    "checkpoint.pt"),
                           "--frozen-bn-eval"))
     small = torch.load(tmp / "small" / "checkpoint.pt", weights_only=True)["model"]
-    ssl = s3l.backbone_state(small)
+    ssl = runs.backbone_state(small)
     warm = torch.load(tmp / "warmup" / "checkpoint.pt", weights_only=True)["model"]
     for key, value in ssl.items():
         # weights and, with --frozen-bn-eval, BN statistics
@@ -1321,7 +1321,7 @@ def test_linear_probe_leaves_the_backbone_bit_identical(pretrained_run):
     tmp, root = pretrained_run
     ckpt = str(tmp / "full" / "checkpoint.pt")
     train.main(stage_argv("linear", root, tmp, "linear", "--pretrained", ckpt, "--epochs", "2"))
-    ssl = s3l.backbone_state(torch.load(ckpt, weights_only=True)["model"])
+    ssl = runs.backbone_state(torch.load(ckpt, weights_only=True)["model"])
     probe = torch.load(tmp / "linear" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(probe[k], v) for k, v in ssl.items())
     assert probe["fc.weight"].shape == (2, 512)
@@ -1358,6 +1358,18 @@ def test_exported_backbone_loads_strictly_and_gives_identical_outputs(pretrained
     assert torch.equal(fresh.forward_features(x), moco.encoder_q.eval().forward_features(x))
 
 
+def test_export_never_overwrites_its_input_or_another_training_checkpoint(pretrained_run):
+    """`export X X`, or an output that holds a training checkpoint: refused by name, file kept."""
+    tmp, _ = pretrained_run
+    ckpt = tmp / "small" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit, match="is the checkpoint it reads.*another output path"):
+        train.main(["export", str(ckpt), str(ckpt)])
+    with pytest.raises(SystemExit, match="is a training checkpoint"):
+        train.main(["export", str(tmp / "full" / "checkpoint.pt"), str(ckpt)])
+    assert ckpt.read_bytes() == before and not list((tmp / "small").glob("*.tmp"))
+
+
 def test_wrong_architecture_checkpoint_fails_with_what_was_expected_and_found(pretrained_run):
     tmp, root = pretrained_run
     with pytest.raises(SystemExit, match="holds a resnet18 backbone .* but --arch resnet50 was"):
@@ -1387,7 +1399,7 @@ def test_no_conv5_means_a_fresh_conv5_for_finetune_and_conv1_to_4_for_the_probe(
     ckpt = str(tmp / "full" / "checkpoint.pt")
     train.main(stage_argv("finetune", root, tmp, "ft-fresh", "--pretrained", ckpt, "--no-conv5",
                           "--epochs", "1", "--lr", "0"))
-    ssl = s3l.backbone_state(torch.load(ckpt, weights_only=True)["model"])
+    ssl = runs.backbone_state(torch.load(ckpt, weights_only=True)["model"])
     tuned = torch.load(tmp / "ft-fresh" / "checkpoint.pt", weights_only=True)["model"]
     assert torch.equal(tuned["layer3.1.conv2.weight"], ssl["layer3.1.conv2.weight"])  # lr 0
     assert not torch.equal(tuned["layer4.0.conv1.weight"], ssl["layer4.0.conv1.weight"])
@@ -1452,6 +1464,12 @@ def test_no_module_imports_study_or_bench_and_no_import_circle_exists():
     def reaches(a, b, seen=()):
         return any(d == b or (d not in seen and reaches(d, b, seen + (d,))) for d in graph[a])
     assert not [m for m in graph if reaches(m, m)], graph
+
+
+def test_bench_calls_the_training_steps_of_train_py_and_has_no_step_of_its_own():
+    """What bench.py times is what train.py runs: no backward pass is written in bench.py."""
+    src = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")).read()
+    assert ".backward(" not in src and "train.pretrain_step(" in src
 
 
 # ----- README.md: its links resolve, and its pieces run copied alone ------------------------------

@@ -413,7 +413,7 @@ def resolve_backbone(args, state=None, input_size=None) -> Backbone:
     if state is None:
         return Backbone(args.arch or "resnet50", args.conv5 is not False, bool(args.small_stem),
                         size)
-    arch, conv5, small_stem = s3l.infer_arch(state)
+    arch, conv5, small_stem = runs.infer_arch(state)
     if (args.arch or arch) != arch or args.small_stem not in (None, small_stem):
         asked = f"--arch {args.arch or arch}" + ("" if args.small_stem is None else
                                                  f" --{'' if args.small_stem else 'no-'}small-stem")
@@ -421,18 +421,6 @@ def resolve_backbone(args, state=None, input_size=None) -> Backbone:
                          f"conv5={conv5}), but {asked} was asked: drop the flag or pass a matching "
                          "checkpoint")
     return Backbone(arch, conv5 if args.conv5 is None else args.conv5, small_stem, size)
-
-
-def pretrained_backbone(path: str):
-    """(checkpoint, backbone state_dict) of the file at `path` (s3l.checkpoint_backbone), or
-    (None, None) without a path: ours, an export, or an official S3L/MoCo/BYOL checkpoint."""
-    if not path:
-        return None, None
-    ckpt = runs.read_checkpoint(path)
-    try:
-        return ckpt, s3l.checkpoint_backbone(ckpt)
-    except ValueError as e:
-        raise SystemExit(f"{path}: {e}") from None
 
 
 def load_pretrained(model, state: dict, path: str, keep_conv5: bool) -> None:
@@ -447,7 +435,7 @@ def load_pretrained(model, state: dict, path: str, keep_conv5: bool) -> None:
         why = "left unused" if had_conv5 else "not in the checkpoint (small architecture)"
         print(f"{path}: conv5 (layer4) {why}: it starts freshly initialised")
     try:
-        s3l.load_backbone(model, state, allow)
+        runs.load_backbone(model, state, allow)
     except ValueError as e:
         raise SystemExit(f"--pretrained {path}: {e}") from None
 
@@ -475,36 +463,22 @@ def check_resume(args, runtime, resumed, train_store) -> None:
                           world_size=runtime.world_size, force=args.force_resume)
 
 
-def start_run(args, runtime, *, backbone: Backbone, model, params, resumed):
-    """The start every training loop shares: the run log, and `model` with SGD on `params` and the
-    gradient scaler, restored from the --resume checkpoint `resumed` (checked against this run with
-    check_resume first) or fresh when it is None. Returns (runs.resume_point, log, state)."""
-    log = run_log(args, runtime, backbone, resumed)
+def open_run(args, runtime, *, backbone: Backbone, model, params, resumed, train_store,
+             stages: list, steps: int, stage: dict, results: dict = None) -> runs.Run:
+    """The bookkeeping of a training loop (runs.Run) from the flags: the run log, SGD on `params`
+    with the gradient scaler, restored from the --resume checkpoint `resumed` (checked first with
+    check_resume) or fresh. stage: this stage's record for cost accounting (study.py): epochs,
+    macs_per_image (models.macs), images_per_epoch, and what else describes it."""
     optimizer = runtime.sgd(params, args.lr, args.momentum, args.weight_decay)
     state = runs.TrainState(model, optimizer, runtime.scaler())
-    if resumed:
-        state.resume(resumed)
-    return runs.resume_point(resumed), log, state
-
-
-def stage_record(command: str, backbone: Backbone, wall_s: float, **stage) -> dict:
-    """One stage of the pipeline for cost accounting (study.stage_pflops): what ran on which
-    backbone, for how long; stage: epochs, macs_per_image (the backbone's forward MACs,
-    models.macs), images_per_epoch (images trained per epoch), and what else describes it."""
-    return dict(command=command, **asdict(backbone), wall_s=round(wall_s, 1), **stage)
-
-
-def save_epoch(args, runtime, state: runs.TrainState, *, backbone: Backbone, epoch: int,
-               wall_s: float, stages: list, stage: dict, train_store, **extra) -> None:
-    """checkpoint.pt (rank 0 only) after a finished epoch, or inside an interrupted one (extra:
-    runs.interrupted_epoch), with what --resume checks. stages: the earlier stages of the pipeline;
-    this one's record so far (stage_record of `stage`) is added: --resume replaces it."""
-    if runtime.is_main:
-        stages = stages + [stage_record(args.command, backbone, wall_s=wall_s, **stage)]
-        checkpoint = state.checkpoint(args.command, vars(args), asdict(backbone), epoch, wall_s,
-                                      stages, world_size=runtime.world_size,
-                                      train_files=runs.files_digest(train_store.paths), **extra)
-        runs.write_checkpoints(args.save_dir, checkpoint, args.save_every)
+    fields = dict(kind=args.command, config=vars(args), backbone=asdict(backbone),
+                  train_files=runs.files_digest(train_store.paths))
+    return runs.Run(runtime, state, run_log(args, runtime, backbone, resumed), resumed,
+                    save_dir=args.save_dir, save_every=args.save_every, seed=args.seed,
+                    epochs=args.epochs, steps=steps, batch_size=args.batch_size,
+                    images=len(train_store), print_freq=args.print_freq, fields=fields,
+                    stages=stages, stage=dict(command=args.command, **asdict(backbone), **stage),
+                    results=results)
 
 
 def summarize(args, log, runtime, *, backbone: Backbone, stages: list, **results) -> dict:
@@ -518,34 +492,12 @@ def summarize(args, log, runtime, *, backbone: Backbone, stages: list, **results
 
 # ----- evaluation ---------------------------------------------------------------------------------
 
-@torch.no_grad()
-def centre_view_outputs(fn, store: data.ImageStore, input_size: int, runtime: runs.Runtime,
-                        batch_size: int = 256) -> torch.Tensor:
-    """fn(centre views) for every image of `store`, in order: (N, ...). Under torchrun each process
-    computes one contiguous share (the last padded with copies of the last image) and the shares
-    are gathered, so every process holds the same result."""
-    n, t0 = len(store), time.time()
-    per = math.ceil(n / runtime.world_size)
-    mine = torch.arange(runtime.rank * per, (runtime.rank + 1) * per, device=runtime.device)
-    mine = mine.clamp_(max=n - 1)
-    outputs = []
-    for start in range(0, per, batch_size):
-        images, sizes = store.batch(mine[start:start + batch_size], runtime.device)
-        x = augment.center_view(images, sizes, input_size, dtype=runtime.resample_dtype)
-        with runtime.autocast():
-            outputs.append(fn(runtime.prepare(x)))
-        if time.time() - t0 > 5:
-            done = min(start + batch_size, per)
-            print(f"\rcentre views: {done}/{per}", end="\n" if done == per else "", flush=True)
-    return s3l.concat_all_gather(torch.cat(outputs))[:n]
-
-
 def extract_features(backbone, store: data.ImageStore, input_size: int, runtime: runs.Runtime,
                      normalize: bool = True, batch_size: int = 256) -> torch.Tensor:
     """Pooled features of centre views, (N, feature_dim), BN in eval mode; L2-normalised or not."""
     was_training = backbone.training
     backbone.eval()
-    feats = centre_view_outputs(lambda x: backbone.forward_features(x).float(), store, input_size,
+    feats = runs.centre_view_outputs(lambda x: backbone.forward_features(x).float(), store, input_size,
                                 runtime, batch_size)
     backbone.train(was_training)
     return F.normalize(feats, dim=1) if normalize else feats
@@ -561,8 +513,48 @@ def knn_eval(backbone, bank: data.ImageStore, queries: data.ImageStore, *, input
 def classify_top1(model, store: data.ImageStore, input_size: int, runtime: runs.Runtime) -> float:
     """Top-1 (%) of a classifier on centre views of `store`."""
     model.eval()
-    predicted = centre_view_outputs(lambda x: model(x).argmax(1), store, input_size, runtime)
+    predicted = runs.centre_view_outputs(lambda x: model(x).argmax(1), store, input_size, runtime)
     return 100.0 * (predicted == store.labels).sum().item() / len(store)
+
+
+# ----- one training step: what the loops run and bench.py times ----------------------------------
+
+def pretrain_views(store: data.ImageStore, idx: torch.Tensor, augmenter: augment.SSLAugment,
+                   generator: torch.Generator, runtime: runs.Runtime, apply=None):
+    """Two views of the batch `idx` (B,) of all processes, this process's share (n of B), made from
+    the uint8 store on the device (augment.SSLAugment; apply: its compiled apply). The parameters
+    of the whole batch are drawn, so any number of processes sees the same views.
+    Returns view1, view2: (n, 3, input_size, input_size) each, as the model wants them."""
+    images, _ = store.batch(runtime.share(idx), runtime.device)  # uint8 (n, 3, L, L)
+    params = [runtime.share(augmenter.sample(store.sizes[idx], generator)) for _ in range(2)]
+    return tuple(runtime.prepare((apply or augmenter.apply)(images, p)) for p in params)
+
+
+def pretrain_step(model, state: runs.TrainState, runtime: runs.Runtime, view1: torch.Tensor,
+                  view2: torch.Tensor) -> torch.Tensor:
+    """One SSL step, the same for every method: loss = model(view1, view2) under the precision
+    context, backward, SGD. view1, view2: (n, 3, H, W). Returns the loss, not read back."""
+    with runtime.autocast():
+        loss = model(view1, view2)
+    return sgd_step(state, loss)
+
+
+def supervised_step(model, state: runs.TrainState, runtime: runs.Runtime, x: torch.Tensor,
+                    y: torch.Tensor, mixup_alpha: float = None) -> torch.Tensor:
+    """One step of fine-tuning, the conv5 warm-up or the linear probe: cross-entropy of model(x)
+    (mixup with one lambda a batch when mixup_alpha), backward, SGD. x: (n, 3, H, W), y: (n,)."""
+    with runtime.autocast():
+        loss = s3l.classifier_loss(model, x, y, mixup_alpha)
+    return sgd_step(state, loss)
+
+
+def sgd_step(state: runs.TrainState, loss: torch.Tensor) -> torch.Tensor:
+    """Backward and the optimizer step; the gradient scaler does nothing unless fp16."""
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    return loss.detach()
 
 
 # ----- pretraining: one loop for every method -----------------------------------------------------
@@ -587,6 +579,22 @@ def check_pretrain_args(args, n_train: int, processes: int) -> None:
               "every epoch (drop_last, as the official loaders); a smaller --batch-size uses them")
 
 
+def build_method(args, encoder, processes: int = 1) -> torch.nn.Module:
+    """The method of --method around `encoder`, with the paper's hyperparameters from the resolved
+    flags. Each of `processes` splits its share of the batch into BN groups of --bn-batch images
+    (0: one group), emulating the official per-GPU BN."""
+    bn_splits = args.batch_size // processes // args.bn_batch if args.bn_batch else 1
+    if args.method == "moco":
+        return s3l.MoCo(encoder, dim=args.dim, moco_k=args.moco_k, moco_m=args.moco_m,
+                        moco_t=args.moco_t, bn_splits=bn_splits)
+    if args.method == "simclr":
+        return s3l.SimCLR(encoder, dim=args.dim, temperature=args.simclr_t,
+                          base_temperature=args.simclr_base_t, bn_splits=bn_splits,
+                          gather_negatives=not args.simclr_local_negatives)
+    return s3l.BYOL(encoder, dim=args.dim, hidden_dim=args.byol_hidden_dim, tau=args.byol_tau,
+                    bn_splits=bn_splits)
+
+
 def init_from(method, path: str, backbone: Backbone, method_name: str) -> list:
     """Multi-stage resolution (112 -> 224, paper map): start from an earlier stage's weights. The
     same method loads its whole state (encoders, heads, and the queue when its size matches);
@@ -607,7 +615,7 @@ def init_from(method, path: str, backbone: Backbone, method_name: str) -> list:
         if unexpected or [k for k in missing if not k.startswith("queue")]:
             raise SystemExit(f"--init-from {path}: missing {missing}, unexpected {unexpected}")
     else:
-        s3l.load_backbone(method.backbone, s3l.backbone_state(state))
+        runs.load_backbone(method.backbone, runs.backbone_state(state))
         print(f"--init-from: a {ckpt['config']['method']} checkpoint, so the backbone only")
     print(f"initialised from {path} ({old.input_size} px, {len(ckpt['stages'])} earlier stage(s))")
     return ckpt["stages"]
@@ -621,100 +629,73 @@ def pretrain(args) -> dict:
     train_store = data.load_train_store(args.data, args.train_split, backbone.input_size,
                                         min_crop_scale=args.crop_scale[0],
                                         **train_split_args(args, runtime))
-    check_pretrain_args(args, len(train_store), runtime.world_size)
+    n = len(train_store)
+    check_pretrain_args(args, n, runtime.world_size)
     check_resume(args, runtime, resumed, train_store)
     test_split = args.test_split or data.default_eval_split(args.data)
     bank, queries = data.knn_stores(train_store, args.data, test_split, backbone.input_size,
                                     knn_train=args.knn_train, knn_val=args.knn_val,
                                     **store_args(args, runtime))
     torch.manual_seed(args.seed)
-    method = s3l.build_method(args.method, backbone.build(), vars(args), runtime.world_size)
-    method = runtime.place(method, args.sync_bn)
+    method = runtime.place(build_method(args, backbone.build(), runtime.world_size), args.sync_bn)
     if resumed:  # this stage's own record, last, is written anew
         stages = resumed["stages"][:-1]
-    elif args.init_from:
-        stages = init_from(method, args.init_from, backbone, args.method)
     else:
-        stages = []
-    params = [p for p in method.parameters() if p.requires_grad]
-    start, log, state = start_run(args, runtime, backbone=backbone, model=method, params=params,
-                                  resumed=resumed)
-    augmenter = augment.SSLAugment(backbone.input_size, scale=tuple(args.crop_scale),
-                              solarize_p=args.solarize_p, resample_dtype=runtime.resample_dtype)
-    loop_start = time.time()
-    record, knn, stages = train_ssl(args, runtime, state=state, train_store=train_store,
-                                    augmenter=augmenter, log=log, start=start,
-                                    knn_sets=(bank, queries), backbone=backbone, stages=stages)
-    trained = (args.epochs - start["epoch"]) * stages[-1]["images_per_epoch"]
-    return summarize(args, log, runtime, backbone=backbone, stages=stages, method=args.method,
-                     final_loss=record.get("loss"), knn_top1=knn,
-                     macs_per_image=stages[-1]["macs_per_image"],
-                     images_per_s=round(trained / (time.time() - loop_start), 1),
-                     train_images=len(train_store), skipped_files=len(train_store.skipped))
-
-
-def train_ssl(args, runtime, *, state: runs.TrainState, train_store, augmenter, log, start: dict,
-              knn_sets, backbone: Backbone, stages: list):
-    """The pretraining loop, the same for every method, from `start` (runs.resume_point): per step,
-    two views of a batch and `loss = method(view1, view2)`; per epoch, a log record, the kNN monitor
-    and a checkpoint. Returns (the last epoch's record, the last kNN top-1 or None, the stages with
-    this one's record last)."""
-    method, optimizer, scaler = state.model, state.optimizer, state.scaler
-    model = torch.compile(method) if args.compile else method  # state_dict() from `method` only
-    model = runtime.wrap(model)  # DDP under torchrun
-    apply = torch.compile(augmenter.apply) if args.compile else augmenter.apply  # one fused graph
-    generator = torch.Generator(runtime.device)
-    n, bs = len(train_store), args.batch_size
-    steps = n // bs  # drop_last, as the official loaders
-    stage = dict(epochs=args.epochs, method=args.method, images=n, images_per_epoch=steps * bs,
+        stages = init_from(method, args.init_from, backbone, args.method) if args.init_from else []
+    steps = n // args.batch_size  # drop_last, as the official loaders
+    stage = dict(epochs=args.epochs, method=args.method, images=n,
+                 images_per_epoch=steps * args.batch_size,
                  macs_per_image=models.macs(backbone.build(), backbone.input_size))
-    t0 = time.time() - start["wall_s"]  # the run's clock, the resumed part included
+    run = open_run(args, runtime, backbone=backbone, model=method, resumed=resumed,
+                   params=[p for p in method.parameters() if p.requires_grad],
+                   train_store=train_store, stages=stages, steps=steps, stage=stage)
+    augmenter = augment.SSLAugment(backbone.input_size, scale=tuple(args.crop_scale),
+                                   solarize_p=args.solarize_p,
+                                   resample_dtype=runtime.resample_dtype)
+    loop_start = time.time()
+    record, knn = train_ssl(args, runtime, run, method=method, train_store=train_store,
+                            augmenter=augmenter, knn_sets=(bank, queries), backbone=backbone)
+    trained = (args.epochs - run.start["epoch"]) * stage["images_per_epoch"]
+    return summarize(args, run.log, runtime, backbone=backbone, stages=run.all_stages(),
+                     method=args.method, final_loss=record.get("loss"), knn_top1=knn,
+                     macs_per_image=stage["macs_per_image"],
+                     images_per_s=round(trained / (time.time() - loop_start), 1),
+                     train_images=n, skipped_files=len(train_store.skipped))
+
+
+def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, knn_sets,
+              backbone: Backbone):
+    """The pretraining loop, the same for every method: per step, two views of a batch, then
+    loss = method(view1, view2), backward and SGD (pretrain_step); per epoch, the kNN monitor where
+    labels exist, a log record and a checkpoint (run: runs.Run). Returns (the last epoch's record,
+    the last kNN top-1 or None)."""
+    model = runtime.wrap(torch.compile(method) if args.compile else method)  # DDP under torchrun
+    apply = torch.compile(augmenter.apply) if args.compile else augmenter.apply  # one fused graph
+    group = args.batch_size if args.sync_bn else args.bn_batch or \
+        args.batch_size // runtime.world_size
     print(f"pretraining {args.method} {backbone.arch} conv5={backbone.conv5} at "
-          f"{backbone.input_size} px on {n} images: {steps} steps/epoch, BN groups of "
-          f"{bs if args.sync_bn else args.bn_batch or bs // runtime.world_size} images")
+          f"{backbone.input_size} px on {len(train_store)} images: {run.num_steps} steps/epoch, "
+          f"BN groups of {group} images")
     record, knn = {}, None
-    with runs.Interrupt(repeat_stops=not runtime.distributed) as interrupt:
-        for epoch in range(start["epoch"], args.epochs):
-            order = runs.epoch_order(args.seed, epoch, n, generator=generator,
-                                     device=runtime.device)
-            meter = runs.epoch_meter(start, epoch, generator, epochs=args.epochs, steps=steps,
-                                     batch_size=bs, images=steps * bs,
-                                     print_freq=args.print_freq, device=runtime.device)
+    with run:
+        for epoch in run.epochs():
             method.train()
-            for step in range(meter.first_step, steps):
+            for step in run.steps():
                 # the official cosine is per epoch; the warm-up per iteration
-                lr_epoch = epoch + step / steps if epoch < args.warmup_epochs else epoch
+                lr_epoch = epoch + step / run.num_steps if epoch < args.warmup_epochs else epoch
                 lr = s3l.lr_at(lr_epoch, args.epochs, args.lr, warmup_epochs=args.warmup_epochs)
-                s3l.set_lr(optimizer, lr)
-                idx = order[step * bs:(step + 1) * bs]  # the batch, of all processes
-                images, _ = train_store.batch(runtime.share(idx), runtime.device)  # uint8
-                sizes = train_store.sizes[idx]
-                # whole-batch parameters, this process's share: the same views for any process count
-                params = [runtime.share(augmenter.sample(sizes, generator)) for _ in range(2)]
-                view1, view2 = (runtime.prepare(apply(images, p)) for p in params)
-                with runtime.autocast():
-                    loss = model(view1, view2)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                if meter.add(step, loss, lr, stop=interrupt.requested):
-                    save_epoch(args, runtime, state, backbone=backbone, epoch=meter.epoch,
-                               wall_s=time.time() - t0, stages=stages, stage=stage,
-                               train_store=train_store, **runs.interrupted_epoch(meter, generator))
-                    runs.stop_interrupted(meter, args.save_dir)
-            record = meter.record()
-            runs.broadcast_buffers(method)  # rank 0's BN statistics: what is saved and evaluated
+                s3l.set_lr(run.state.optimizer, lr)
+                view1, view2 = pretrain_views(train_store, run.batch(step), augmenter,
+                                              run.generator, runtime, apply)
+                loss = pretrain_step(model, run.state, runtime, view1, view2)
+                run.step_done(step, loss, lr)
+            record = run.epoch_record()
             if knn_sets[0] is not None and due(epoch, args.epochs, args.knn_every):
                 knn = knn_eval(method.backbone, *knn_sets, input_size=backbone.input_size,
                                runtime=runtime, k=args.knn_k, t=args.knn_t)
                 record["knn_top1"] = round(knn, 2)
-            log.record(record)
-            runs.check_finite_weights(method, epoch + 1)
-            save_epoch(args, runtime, state, backbone=backbone, epoch=epoch + 1,
-                       wall_s=time.time() - t0, stages=stages, stage=stage, train_store=train_store)
-    return record, knn, stages + [stage_record(args.command, backbone, wall_s=time.time() - t0,
-                                               **stage)]
+            run.save_epoch(record)
+    return record, knn
 
 
 # ----- supervised stages: fine-tuning, the conv5 warm-up, the linear probe ------------------------
@@ -725,7 +706,7 @@ def supervised_setup(args, build_conv5=None):
     class. build_conv5: True builds layer4 whatever the checkpoint (fine-tuning trains the full
     network); None builds what the flags and checkpoint say.
     Returns (runtime, backbone, train_store, test_store, net, the checkpoint's earlier stages)."""
-    ckpt, state = pretrained_backbone(args.pretrained)
+    ckpt, state = runs.read_backbone(args.pretrained)
     ckpt_size = (ckpt or {}).get("backbone", {}).get("input_size")  # kNN: the checkpoint's size
     backbone = resolve_backbone(args, state, input_size=ckpt_size)
     built = backbone if build_conv5 is None else replace(backbone, conv5=build_conv5)
@@ -796,66 +777,43 @@ def train_classifier(args, runtime, *, backbone: Backbone, net, model, params, t
                      test_store, stages: list, frozen_bn: list, mixup_alpha) -> dict:
     """The supervised loop of finetune, warmup-conv5 and the official linear probe: per step, the
     official train view of a batch (Resize -> RandomCrop + flip), cross-entropy (mixup: one lambda
-    a batch, pairs within a process's share), SGD; per epoch, test top-1 of centre views. net: the
-    module checkpointed; model: what runs it (compiled or not); params: what SGD trains; frozen_bn:
-    modules kept in eval mode. Reports the final-epoch top-1 and the best epoch's, labelled as
-    chosen on the test split (optimistic; the official code reports it)."""
+    a batch, pairs within a process's share), SGD (supervised_step); per epoch, test top-1 of
+    centre views. net: the module checkpointed; model: what runs it (compiled or not); params: what
+    SGD trains; frozen_bn: modules kept in eval mode. Reports the final-epoch top-1 and the best
+    epoch's, labelled as chosen on the test split (optimistic; the official code reports it)."""
     resumed = runs.resume_checkpoint(args.resume, args.command)
     check_resume(args, runtime, resumed, train_store)
-    start, log, state = start_run(args, runtime, backbone=backbone, model=net, params=params,
-                                  resumed=resumed)
     best = resumed["best"] if resumed else dict(test_top1=None, epoch=None)
     acc = resumed["test_top1"] if resumed else None
-    t0 = time.time() - start["wall_s"]  # the run's clock, the resumed part included
-    trained = runtime.wrap(model)  # DDP under torchrun
-    generator = torch.Generator(runtime.device)
     n, bs = len(train_store), args.batch_size
     # the last, smaller batch only if each process gets 2 images of it (BatchNorm needs 2)
     steps = n // bs + (n % bs >= 2 * runtime.world_size)
     stage = dict(epochs=args.epochs, images_per_epoch=min(n, steps * bs),
                  macs_per_image=models.macs(backbone.build(), backbone.input_size))
-    with runs.Interrupt(repeat_stops=not runtime.distributed) as interrupt:
-        for epoch in range(start["epoch"], args.epochs):
-            order = runs.epoch_order(args.seed, epoch, n, generator=generator,
-                                     device=runtime.device)
-            meter = runs.epoch_meter(start, epoch, generator, epochs=args.epochs, steps=steps,
-                                     batch_size=bs, images=n, print_freq=args.print_freq,
-                                     device=runtime.device)
+    run = open_run(args, runtime, backbone=backbone, model=net, params=params, resumed=resumed,
+                   train_store=train_store, stages=stages, steps=steps, stage=stage,
+                   results=dict(best=best, test_top1=acc))
+    trained = runtime.wrap(model)  # DDP under torchrun
+    with run:
+        for epoch in run.epochs():
             net.train()
             for module in frozen_bn:
                 module.eval()
-            for step in range(meter.first_step, steps):
+            for step in run.steps():
                 lr = s3l.lr_at(epoch + step / steps, args.epochs, args.lr, steps=args.lr_steps)
-                s3l.set_lr(state.optimizer, lr)
-                idx = order[step * bs:(step + 1) * bs]  # the batch, of all processes
-                x, y = classifier_batch(train_store, idx, generator, runtime=runtime,
+                s3l.set_lr(run.state.optimizer, lr)
+                x, y = classifier_batch(train_store, run.batch(step), run.generator, runtime,
                                         input_size=backbone.input_size)
-                with runtime.autocast():
-                    loss = s3l.classifier_loss(trained, x, y, mixup_alpha)
-                state.optimizer.zero_grad(set_to_none=True)
-                state.scaler.scale(loss).backward()
-                state.scaler.step(state.optimizer)
-                state.scaler.update()
-                if meter.add(step, loss, lr, stop=interrupt.requested):
-                    save_epoch(args, runtime, state, backbone=backbone, epoch=meter.epoch,
-                               wall_s=time.time() - t0, stages=stages, stage=stage,
-                               train_store=train_store, best=best, test_top1=acc,
-                               **runs.interrupted_epoch(meter, generator))
-                    runs.stop_interrupted(meter, args.save_dir)
-            record = meter.record()
-            runs.broadcast_buffers(net)
+                loss = supervised_step(trained, run.state, runtime, x, y, mixup_alpha)
+                run.step_done(step, loss, lr)
+            record = run.epoch_record()
             if due(epoch, args.epochs, args.eval_every):
                 acc = classify_top1(model, test_store, backbone.input_size, runtime)
                 record["test_top1"] = round(acc, 2)
                 best = best_top1(best, acc, epoch)
-            log.record(record)
-            runs.check_finite_weights(net, epoch + 1)
-            save_epoch(args, runtime, state, backbone=backbone, epoch=epoch + 1,
-                       wall_s=time.time() - t0, stages=stages, stage=stage, train_store=train_store,
-                       best=best, test_top1=acc)
-    stages = stages + [stage_record(args.command, backbone, wall_s=time.time() - t0, **stage)]
-    return finish_supervised(args, log, runtime, backbone=backbone, acc=acc, best=best,
-                             stages=stages)
+            run.save_epoch(record, best=best, test_top1=acc)
+    return finish_supervised(args, run.log, runtime, backbone=backbone, acc=acc, best=best,
+                             stages=run.all_stages())
 
 
 def classifier_batch(train_store: data.ImageStore, idx: torch.Tensor, generator, runtime,
@@ -911,8 +869,9 @@ def linear_on_cached_features(args, runtime, *, backbone: Backbone, net, train_s
                         test_top1=round(acc, 2)))
     wall = time.time() - t0
     macs = models.macs(backbone.build(), backbone.input_size)
-    stages = stages + [stage_record(args.command, backbone, wall_s=wall, epochs=args.epochs,
-                                    macs_per_image=macs, images_per_epoch=n, cached_features=True)]
+    stages = stages + [dict(command=args.command, **asdict(backbone), wall_s=round(wall, 1),
+                            epochs=args.epochs, macs_per_image=macs, images_per_epoch=n,
+                            cached_features=True)]
     if runtime.is_main:  # every process trained the same fc on the same gathered features
         runs.save_checkpoint(os.path.join(args.save_dir, "checkpoint.pt"), dict(
             format="s3l", kind=args.command, model=net.state_dict(), epoch=args.epochs,
@@ -953,22 +912,6 @@ def knn(args) -> dict:
     return record
 
 
-def export(args) -> None:
-    """Write a checkpoint's backbone as a plain state_dict with torchvision ResNet names, no fc: it
-    loads with strict=True into models.resnetXX(num_classes=0) of the same depth."""
-    _, state = pretrained_backbone(args.checkpoint)
-    arch, conv5, small_stem = s3l.infer_arch(state)
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    try:
-        models.ARCHS[arch](conv5=conv5, small_stem=small_stem).load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise SystemExit(f"{args.checkpoint}: the backbone does not load into {arch}: {e}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    runs.save_checkpoint(args.out, state)
-    print(f"wrote {len(state)} tensors of a {arch} backbone (conv5={conv5}, "
-          f"small_stem={small_stem}) to {args.out}")
-
-
 # ----- the default job ----------------------------------------------------------------------------
 
 def default_job(job=DEFAULT_JOB) -> None:
@@ -998,7 +941,8 @@ def default_job(job=DEFAULT_JOB) -> None:
 # ----- main ---------------------------------------------------------------------------------------
 
 COMMANDS = {"pretrain": pretrain, "finetune": finetune, "warmup-conv5": finetune, "linear": linear,
-            "knn": knn, "export": export}
+            "knn": knn,
+            "export": lambda args: runs.export_backbone(args.checkpoint, args.out)}
 
 
 def check_paths(args) -> None:
