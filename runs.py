@@ -13,7 +13,8 @@ paper (S3L, arXiv 2103.13559: every stage of its recipe is one such loop).
                read-backs, so every process takes the same decision to stop)
   how it runs  Runtime, setup_device: device, precision and channels_last, decided here, once;
                under torchrun the process group, each process's share of a batch, DDP;
-               centre_view_outputs (a function of every image's centre view, shared out)
+               centre_view_outputs, extract_features, classify_top1 (evaluation on centre
+               views, shared out over the processes)
   records      RunLog (config.json, log.jsonl, summary.json: always valid JSON), EpochMeter (loss
                summed on the device, the progress line, non-finite losses caught), Interrupt
                (a context: SIGINT/SIGTERM end the current step, then the loop saves and exits)
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import augment
 import models
@@ -158,6 +160,8 @@ def read_checkpoint(path: str) -> dict:
         if state_digest(ckpt) != stored:
             raise SystemExit(f"checkpoint {path} is corrupt: its contents do not match the "
                              "checksum written with it; use an earlier numbered checkpoint")
+    if ckpt.get("format") == "s3l" and "backbone" in ckpt:  # written before it was renamed
+        ckpt["architecture"] = ckpt.pop("backbone")
     return ckpt
 
 
@@ -524,6 +528,24 @@ def centre_view_outputs(fn, store, input_size: int, runtime: Runtime,
     return out[:n]
 
 
+def extract_features(net, store, input_size: int, runtime: Runtime, normalize: bool = True,
+                     batch_size: int = 256) -> torch.Tensor:
+    """Pooled features of centre views, (N, feature_dim), BN in eval mode; L2-normalised or not."""
+    was_training = net.training
+    net.eval()
+    feats = centre_view_outputs(lambda x: net.forward_features(x).float(), store, input_size,
+                                runtime, batch_size)
+    net.train(was_training)
+    return F.normalize(feats, dim=1) if normalize else feats
+
+
+def classify_top1(model, store, input_size: int, runtime: Runtime) -> float:
+    """Top-1 (%) of a classifier on centre views of `store`."""
+    model.eval()
+    predicted = centre_view_outputs(lambda x: model(x).argmax(1), store, input_size, runtime)
+    return 100.0 * (predicted == store.labels).sum().item() / len(store)
+
+
 # ----- records ------------------------------------------------------------------------------------
 
 def git_commit() -> str:
@@ -765,7 +787,7 @@ def epoch_order(seed: int, epoch: int, n: int, generator, device) -> torch.Tenso
     return torch.randperm(n, generator=torch.Generator().manual_seed(s)).to(device)
 
 
-# ----- a training loop's bookkeeping, behind one object ---------------------------------------------
+# ----- a training loop's bookkeeping, behind one object -------------------------------------------
 
 class Run:
     """What every training loop of train.py does besides its maths, behind a handful of calls:

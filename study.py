@@ -164,13 +164,13 @@ def pretrain_pflops_per_epoch(argv: list) -> float:
     """PFLOPs of one pretraining epoch of the command, before it runs (the listing, not the decoded
     store: unreadable files are not known yet)."""
     args = train.parse_args(argv)
-    backbone = train.resolve_backbone(args)
+    architecture = train.resolve_architecture(args)
     listing = data.list_split(args.data, args.train_split)
     n = len(listing.paths)
     if args.subset:
         n = len(data.subset_indices(listing.labels, args.subset, args.seed))
     images = n // args.batch_size * args.batch_size
-    macs = models.macs(backbone.build(), backbone.input_size)
+    macs = models.macs(architecture.build(), architecture.input_size)
     return 2 * macs * PASSES[args.method] * images / 1e15
 
 

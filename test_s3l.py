@@ -840,6 +840,26 @@ def test_bad_pretrain_arguments_fail_before_any_work(tmp_path, extra, message):
     assert not os.path.exists(tmp_path / "run" / "log.jsonl")
 
 
+@pytest.mark.parametrize("method, batch, warmup", [
+    ("simclr", 512, 10), ("simclr", 256, 0), ("byol", 512, 10), ("byol", 128, 0),
+    ("moco", 512, 0)])
+def test_simclr_and_byol_warm_up_10_epochs_only_above_a_batch_of_256(method, batch, warmup):
+    """The official warm-up rule: 10 linear epochs when the batch exceeds 256 (SimCLR and BYOL);
+    MoCo v2 never warms up; an explicit --warmup-epochs always wins."""
+    args = train.parse_args(["pretrain", "--method", method, "--batch-size", str(batch)])
+    assert args.warmup_epochs == warmup
+    args = train.parse_args(["pretrain", "--method", method, "--warmup-epochs", "3"])
+    assert args.warmup_epochs == 3
+
+
+def test_every_value_of_the_defaults_blocks_has_a_comment():
+    """METHOD_DEFAULTS and STAGE_DEFAULTS: each line holding a value says why or in what unit."""
+    src = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")).read()
+    for name in ("METHOD_DEFAULTS = {", "STAGE_DEFAULTS = {"):
+        block = src.split(name)[1].split("\n}")[0].strip("\n").splitlines()
+        assert block and all("#" in line for line in block if "=" in line), (name, block)
+
+
 def test_unknown_arch_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         train.main(["pretrain", "--arch", "resnet9"])
@@ -1652,7 +1672,8 @@ def test_arms_that_share_every_step_are_one_point_of_the_compute_plot(tmp_path, 
     study.draw_plots(str(tmp_path), rows, records=[], evals=["knn"])
     assert [s["label"] for s in drawn["compute_knn.png"]] == ["half-32 = conv5-32 = all-32",
                                                             "fraction-0.5-32"]
-    assert drawn["compute_knn.png"][0]["x"] == [0.017] and drawn["compute_knn.png"][0]["y"] == [12.4]
+    assert drawn["compute_knn.png"][0]["x"] == [0.017]
+    assert drawn["compute_knn.png"][0]["y"] == [12.4]
 
 
 def test_a_multi_stage_curve_is_drawn_before_the_arm_that_is_its_first_stage(tmp_path,

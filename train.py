@@ -9,12 +9,13 @@
   python study.py --data DIR           the paper's comparisons: grids of the above (study.py)
   torchrun --nproc_per_node N train.py pretrain ...   any training command on N GPUs (DDP)
 
-README.md's "Paper map" says which paper section and official script each stage reproduces.
-Reading order: defaults, parser, device and data from the flags, backbone, what every loop shares
-(run log, checkpoints, summaries), evaluation, pretraining, supervised stages, the default job,
-main. Losses, methods, mixup and the lr schedules live in s3l.py, ResNets in models.py, readers,
-augmentation and a run's splits in data.py; the run folder (checkpoints, resuming, interrupts) and
-how a run runs (device, precision, torchrun) in runs.py.
+README.md's "Paper map" says which paper section and official script each stage reproduces, its
+"Reading order" which functions one step runs through. Here: defaults, parser, device and data
+from the flags, the architecture, a run's bookkeeping (runs.Run), kNN, one training step
+(pretrain_step, supervised_step: what bench.py times), the pretraining loop, the supervised loop,
+the default job, main. Losses, methods, mixup and the lr schedules live in s3l.py, ResNets in
+models.py, the augmentation in augment.py, readers and a run's splits in data.py; the run folder
+(checkpoints, resuming, interrupts) and how a run runs (device, precision, torchrun) in runs.py.
 """
 import argparse
 import math
@@ -36,30 +37,47 @@ import s3l
 
 # The official S3L code's settings on CUB-200 (paper map: MoCo v2, SimCLR, BYOL). A pretraining
 # flag left unset takes its method's value; the resolved config is printed and saved as config.json.
+# lr: SGD (momentum 0.9) for the method's batch, no linear scaling; warm-up epochs apply only above
+# WARMUP_MIN_BATCH images a batch; schedules are the official per-epoch cosine.
 METHOD_DEFAULTS = {
-    "moco": dict(lr=0.03, weight_decay=1e-4, batch_size=128, epochs=200, warmup_epochs=0,
-                 moco_k=4096, moco_m=0.999, moco_t=0.2, bn_batch=32),  # bn_batch: 4 GPUs x 32
-    "simclr": dict(lr=0.5, weight_decay=1e-4, batch_size=512, epochs=200, warmup_epochs=10,
-                   simclr_t=0.1, simclr_base_t=0.07, bn_batch=128),  # warm-up: batch > 256 only
-    "byol": dict(lr=0.125, weight_decay=1e-4, batch_size=128, epochs=800, warmup_epochs=0,
-                 byol_tau=0.99, byol_hidden_dim=4096, bn_batch=32),  # tau constant
+    "moco": dict(lr=0.03, weight_decay=1e-4,  # the official moco_cub.sh, for batch 128
+                 batch_size=128, bn_batch=32,  # 4 GPUs x 32 images: per-GPU BN (shuffle-BN)
+                 epochs=200, warmup_epochs=0,  # the paper's CUB pretraining, no warm-up
+                 moco_k=4096,  # queue length K, 32 batches (the ImageNet default 65536 is > CUB)
+                 moco_m=0.999,  # key-encoder momentum: MoCo's default
+                 moco_t=0.2),  # softmax temperature of MoCo v2 (v1: 0.07)
+    "simclr": dict(lr=0.5, weight_decay=1e-4,  # SGD, not LARS, for batch 512
+                   batch_size=512, bn_batch=128,  # 4 GPUs x 128 images
+                   epochs=200, warmup_epochs=10,  # linear from lr 0.01, per iteration
+                   simclr_t=0.1,  # NT-Xent temperature of the official script (SimCLR's: 0.5)
+                   simclr_base_t=0.07),  # the SupCon code's loss x T / 0.07 (x1.43 at T 0.1)
+    "byol": dict(lr=0.125, weight_decay=1e-4,  # for batch 128
+                 batch_size=128, bn_batch=32,  # 4 GPUs x 32 images, BN per view
+                 epochs=800, warmup_epochs=10,  # warm-up as SimCLR's rule: only above 256 a batch
+                 byol_tau=0.99,  # target EMA, constant (no cosine ramp to 1)
+                 byol_hidden_dim=4096),  # projector/predictor hidden width (output: --dim 128)
 }
-WARMUP_MIN_BATCH = 256  # the official SimCLR code warms up only when the batch exceeds this
+WARMUP_MIN_BATCH = 256  # images: the official code warms up only when the batch exceeds this
 
 # Supervised stages (paper map: fine-tuning, conv5 warm-up, linear probe on target datasets).
-# lr_steps: x0.1 at these epochs; None: cosine per iteration. The warm-up's milestones lie past its
-# 10 epochs, so its lr is a constant 0.1, as in the official script. The linear probe follows the
-# official CUB script (30 epochs, x0.1 at 10 and 20).
+# lr_steps: x0.1 at these epochs; None: cosine per iteration. SGD with momentum 0.9.
 STAGE_DEFAULTS = {
-    "finetune": dict(epochs=120, batch_size=64, lr=0.1, weight_decay=5e-4, lr_steps=None,
-                     input_size=224),
-    "warmup-conv5": dict(epochs=10, batch_size=64, lr=0.1, weight_decay=5e-4, lr_steps=[60, 80],
-                         mixup=False, input_size=224),
-    "linear": dict(epochs=30, batch_size=64, lr=10.0, weight_decay=5e-4, lr_steps=[10, 20],
-                   input_size=224),
+    "finetune": dict(epochs=120, batch_size=64,  # the S3L recipe on CUB (main_train_mixup.sh)
+                     lr=0.1, weight_decay=5e-4,  # for batch 64
+                     lr_steps=None,  # cosine per iteration, no warm-up
+                     input_size=224),  # px: fine-tuning is at full resolution
+    "warmup-conv5": dict(epochs=10, batch_size=64,  # main_freeze.py: conv5 + fc, 10 epochs
+                         lr=0.1, weight_decay=5e-4,  # for batch 64
+                         lr_steps=[60, 80],  # past its 10 epochs: lr stays 0.1, as the script
+                         mixup=False,  # the official warm-up trains without mixup
+                         input_size=224),  # px: the parser default, whatever the pretraining size
+    "linear": dict(epochs=30, batch_size=64,  # the official CUB linear script
+                   lr=10.0, weight_decay=5e-4,  # lr 10 on unnormalised features (MoCo lincls: 30)
+                   lr_steps=[10, 20],  # x0.1 at epochs 10 and 20
+                   input_size=224),  # px
 }
 
-FINETUNE_BN_BATCH = 16  # the official fine-tuning: batch 64 by DataParallel on 4 GPUs
+FINETUNE_BN_BATCH = 16  # images: batch 64 by DataParallel on 4 GPUs, BN per GPU
 
 # The default job (`python train.py`): S3L's three parts at CPU scale (32 px, ResNet-18, 2,000
 # images), measured at ~3 minutes on 2 cores. SimCLR learns fastest in a few hundred steps (MoCo's
@@ -117,7 +135,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per stage of the recipe (paper map), and export."""
     parser = Parser(description="S3L: scaled-down self-supervised learning",
-                                     formatter_class=HelpFormatter)
+                    formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command")
     add_pretrain_parser(commands)
     add_supervised_parsers(commands)
@@ -174,7 +192,8 @@ def add_pretrain_parser(commands) -> None:
     add_optim_args(p)
     p.add_argument("--warmup-epochs", type=number(float, 0),
                    help="linear warm-up from lr 0.01, per iteration "
-                   f"(default: SimCLR's 10 when the batch exceeds {WARMUP_MIN_BATCH}, else 0)")
+                   f"(default: 10 for SimCLR and BYOL when the batch exceeds {WARMUP_MIN_BATCH}, "
+                   "else 0)")
     p.add_argument("--init-from", help="multi-stage resolution: continue from this earlier stage's "
                    "checkpoint at the new --input-size, with a fresh optimizer and schedule")
     p.add_argument("--knn-every", type=number(int, 0), default=10, help="kNN monitor every N "
@@ -387,10 +406,10 @@ def train_split_args(args, runtime: runs.Runtime) -> dict:
                 save_dir=args.save_dir, writes=runtime.is_main)
 
 
-# ----- the backbone: resolved once from the flags and the checkpoint ------------------------------
+# ----- the architecture: resolved once from the flags and the checkpoint --------------------------
 
 @dataclass(frozen=True)
-class Backbone:
+class Architecture:
     """The ResNet a stage builds. conv5=False is S3L's small architecture (no layer4)."""
     arch: str
     conv5: bool
@@ -401,7 +420,7 @@ class Backbone:
         return models.ARCHS[self.arch](num_classes, conv5=self.conv5, small_stem=self.small_stem)
 
 
-def resolve_backbone(args, state=None, input_size=None) -> Backbone:
+def resolve_architecture(args, state=None, input_size=None) -> Architecture:
     """--arch, --small-stem, --conv5 and --input-size, checked against a checkpoint's backbone.
 
     state: a backbone state_dict or None. Without one: the flags, else the paper's ResNet-50 with
@@ -411,8 +430,8 @@ def resolve_backbone(args, state=None, input_size=None) -> Backbone:
     """
     size = args.input_size or input_size or 224
     if state is None:
-        return Backbone(args.arch or "resnet50", args.conv5 is not False, bool(args.small_stem),
-                        size)
+        return Architecture(args.arch or "resnet50", args.conv5 is not False,
+                            bool(args.small_stem), size)
     arch, conv5, small_stem = runs.infer_arch(state)
     if (args.arch or arch) != arch or args.small_stem not in (None, small_stem):
         asked = f"--arch {args.arch or arch}" + ("" if args.small_stem is None else
@@ -420,7 +439,7 @@ def resolve_backbone(args, state=None, input_size=None) -> Backbone:
         raise SystemExit(f"the checkpoint holds a {arch} backbone (small_stem={small_stem}, "
                          f"conv5={conv5}), but {asked} was asked: drop the flag or pass a matching "
                          "checkpoint")
-    return Backbone(arch, conv5 if args.conv5 is None else args.conv5, small_stem, size)
+    return Architecture(arch, conv5 if args.conv5 is None else args.conv5, small_stem, size)
 
 
 def load_pretrained(model, state: dict, path: str, keep_conv5: bool) -> None:
@@ -440,7 +459,7 @@ def load_pretrained(model, state: dict, path: str, keep_conv5: bool) -> None:
         raise SystemExit(f"--pretrained {path}: {e}") from None
 
 
-# ----- schedule, checkpoints, logs: what every training loop shares -------------------------------
+# ----- a run: its log, its bookkeeping (runs.Run), its summary -----------------------------------
 
 def due(epoch: int, epochs: int, every: int) -> bool:
     """Whether an evaluation follows epoch `epoch` (from 0), pretraining's kNN monitor or a
@@ -448,73 +467,54 @@ def due(epoch: int, epochs: int, every: int) -> bool:
     return epoch + 1 == epochs or bool(every) and (epoch + 1) % every == 0
 
 
-def run_log(args, runtime: runs.Runtime, backbone: Backbone, resumed=None) -> runs.RunLog:
+def run_log(args, runtime: runs.Runtime, architecture: Architecture, resumed=None) -> runs.RunLog:
     """The run folder of this command, its config.json holding every resolved setting."""
-    config = dict(vars(args), backbone=asdict(backbone), runtime=runtime.reason,
+    config = dict(vars(args), architecture=asdict(architecture), runtime=runtime.reason,
                   world_size=runtime.world_size)
     return runs.RunLog(args.save_dir, config, resumed["epoch"] if resumed else None,
                        writes=runtime.is_main)
 
 
-def check_resume(args, runtime, resumed, train_store) -> None:
-    """A --resume checkpoint must be this run's (runs.check_resume): checked before any work."""
+def open_run(args, runtime, *, architecture: Architecture, model, params, resumed, train_store,
+             stages: list, steps: int, stage: dict, results: dict = None) -> runs.Run:
+    """The bookkeeping of a training loop (runs.Run) from the flags: the run log, SGD on `params`
+    with the gradient scaler, restored from the --resume checkpoint `resumed` once it is checked to
+    be this run's (runs.check_resume), or fresh. stage: this stage's record for cost accounting
+    (study.py): epochs, macs_per_image (models.macs), images_per_epoch, and what else describes it.
+    """
     if resumed:
         runs.check_resume(args.resume, resumed, vars(args), train_store.paths,
                           world_size=runtime.world_size, force=args.force_resume)
-
-
-def open_run(args, runtime, *, backbone: Backbone, model, params, resumed, train_store,
-             stages: list, steps: int, stage: dict, results: dict = None) -> runs.Run:
-    """The bookkeeping of a training loop (runs.Run) from the flags: the run log, SGD on `params`
-    with the gradient scaler, restored from the --resume checkpoint `resumed` (checked first with
-    check_resume) or fresh. stage: this stage's record for cost accounting (study.py): epochs,
-    macs_per_image (models.macs), images_per_epoch, and what else describes it."""
     optimizer = runtime.sgd(params, args.lr, args.momentum, args.weight_decay)
     state = runs.TrainState(model, optimizer, runtime.scaler())
-    fields = dict(kind=args.command, config=vars(args), backbone=asdict(backbone),
+    fields = dict(kind=args.command, config=vars(args), architecture=asdict(architecture),
                   train_files=runs.files_digest(train_store.paths))
-    return runs.Run(runtime, state, run_log(args, runtime, backbone, resumed), resumed,
+    return runs.Run(runtime, state, run_log(args, runtime, architecture, resumed), resumed,
                     save_dir=args.save_dir, save_every=args.save_every, seed=args.seed,
                     epochs=args.epochs, steps=steps, batch_size=args.batch_size,
                     images=len(train_store), print_freq=args.print_freq, fields=fields,
-                    stages=stages, stage=dict(command=args.command, **asdict(backbone), **stage),
+                    stages=stages,
+                    stage=dict(command=args.command, **asdict(architecture), **stage),
                     results=results)
 
 
-def summarize(args, log, runtime, *, backbone: Backbone, stages: list, **results) -> dict:
+def summarize(args, log, runtime, *, architecture: Architecture, stages: list, **results) -> dict:
     """summary.json of a training command: its backbone, results and the pipeline's stages."""
-    summary = dict(command=args.command, **asdict(backbone), epochs=args.epochs, **results,
+    summary = dict(command=args.command, **asdict(architecture), epochs=args.epochs, **results,
                    wall_s=stages[-1]["wall_s"], device=runtime.reason,
                    checkpoint=os.path.join(args.save_dir, "checkpoint.pt"), stages=stages)
     log.summary(summary)
     return summary
 
 
-# ----- evaluation ---------------------------------------------------------------------------------
+# ----- evaluation: kNN (the features and top-1 of centre views: runs.py) -------------------------
 
-def extract_features(backbone, store: data.ImageStore, input_size: int, runtime: runs.Runtime,
-                     normalize: bool = True, batch_size: int = 256) -> torch.Tensor:
-    """Pooled features of centre views, (N, feature_dim), BN in eval mode; L2-normalised or not."""
-    was_training = backbone.training
-    backbone.eval()
-    feats = runs.centre_view_outputs(lambda x: backbone.forward_features(x).float(), store, input_size,
-                                runtime, batch_size)
-    backbone.train(was_training)
-    return F.normalize(feats, dim=1) if normalize else feats
-
-
-def knn_eval(backbone, bank: data.ImageStore, queries: data.ImageStore, *, input_size: int,
+def knn_eval(net, bank: data.ImageStore, queries: data.ImageStore, *, input_size: int,
              runtime: runs.Runtime, k: int, t: float) -> float:
-    """kNN top-1 (%) of `backbone`: `bank` is the labelled memory, `queries` are classified."""
-    feats = [extract_features(backbone, s, input_size, runtime) for s in (bank, queries)]
+    """kNN top-1 (%) of the backbone `net`: `bank` is the labelled memory, `queries` are
+    classified."""
+    feats = [runs.extract_features(net, s, input_size, runtime) for s in (bank, queries)]
     return s3l.knn_top1(feats[0], bank.labels, feats[1], queries.labels, k, t)
-
-
-def classify_top1(model, store: data.ImageStore, input_size: int, runtime: runs.Runtime) -> float:
-    """Top-1 (%) of a classifier on centre views of `store`."""
-    model.eval()
-    predicted = runs.centre_view_outputs(lambda x: model(x).argmax(1), store, input_size, runtime)
-    return 100.0 * (predicted == store.labels).sum().item() / len(store)
 
 
 # ----- one training step: what the loops run and bench.py times ----------------------------------
@@ -595,18 +595,18 @@ def build_method(args, encoder, processes: int = 1) -> torch.nn.Module:
                     bn_splits=bn_splits)
 
 
-def init_from(method, path: str, backbone: Backbone, method_name: str) -> list:
+def init_from(method, path: str, architecture: Architecture, method_name: str) -> list:
     """Multi-stage resolution (112 -> 224, paper map): start from an earlier stage's weights. The
     same method loads its whole state (encoders, heads, and the queue when its size matches);
     another method loads the backbone only. Returns the earlier stages, for cost accounting."""
     ckpt = runs.read_checkpoint(path)
     if ckpt.get("format") != "s3l" or ckpt.get("kind") != "pretrain":
         raise SystemExit(f"--init-from {path} is not a pretraining checkpoint of s3l")
-    state, old = ckpt["model"], Backbone(**ckpt["backbone"])
-    if replace(old, input_size=backbone.input_size) != backbone:
+    state, old = ckpt["model"], Architecture(**ckpt["architecture"])
+    if replace(old, input_size=architecture.input_size) != architecture:
         raise SystemExit(f"--init-from {path} holds {old.arch} conv5={old.conv5} "
-                         f"small_stem={old.small_stem}, but this run builds {backbone.arch} "
-                         f"conv5={backbone.conv5} small_stem={backbone.small_stem}")
+                         f"small_stem={old.small_stem}, but this run builds {architecture.arch} "
+                         f"conv5={architecture.conv5} small_stem={architecture.small_stem}")
     if ckpt["config"]["method"] == method_name:
         if "queue" in state and state["queue"].shape != method.queue.shape:
             print(f"--init-from: the queue of size {tuple(state['queue'].shape)} dropped")
@@ -624,39 +624,42 @@ def init_from(method, path: str, backbone: Backbone, method_name: str) -> list:
 def pretrain(args) -> dict:
     """Self-supervised pretraining, step 1 of the S3L recipe (paper map); returns the summary."""
     resumed = runs.resume_checkpoint(args.resume, args.command, args.method)
-    backbone = Backbone(**resumed["backbone"]) if resumed else resolve_backbone(args)
+    architecture = Architecture(**resumed["architecture"]) if resumed else \
+        resolve_architecture(args)
     runtime = runtime_for(args)
-    train_store = data.load_train_store(args.data, args.train_split, backbone.input_size,
+    train_store = data.load_train_store(args.data, args.train_split, architecture.input_size,
                                         min_crop_scale=args.crop_scale[0],
                                         **train_split_args(args, runtime))
     n = len(train_store)
     check_pretrain_args(args, n, runtime.world_size)
-    check_resume(args, runtime, resumed, train_store)
     test_split = args.test_split or data.default_eval_split(args.data)
-    bank, queries = data.knn_stores(train_store, args.data, test_split, backbone.input_size,
+    bank, queries = data.knn_stores(train_store, args.data, test_split, architecture.input_size,
                                     knn_train=args.knn_train, knn_val=args.knn_val,
                                     **store_args(args, runtime))
     torch.manual_seed(args.seed)
-    method = runtime.place(build_method(args, backbone.build(), runtime.world_size), args.sync_bn)
+    method = build_method(args, architecture.build(), runtime.world_size)
+    method = runtime.place(method, args.sync_bn)
     if resumed:  # this stage's own record, last, is written anew
         stages = resumed["stages"][:-1]
     else:
-        stages = init_from(method, args.init_from, backbone, args.method) if args.init_from else []
+        stages = init_from(method, args.init_from, architecture, args.method) \
+            if args.init_from else []
     steps = n // args.batch_size  # drop_last, as the official loaders
     stage = dict(epochs=args.epochs, method=args.method, images=n,
                  images_per_epoch=steps * args.batch_size,
-                 macs_per_image=models.macs(backbone.build(), backbone.input_size))
-    run = open_run(args, runtime, backbone=backbone, model=method, resumed=resumed,
+                 macs_per_image=models.macs(architecture.build(), architecture.input_size))
+    run = open_run(args, runtime, architecture=architecture, model=method, resumed=resumed,
                    params=[p for p in method.parameters() if p.requires_grad],
                    train_store=train_store, stages=stages, steps=steps, stage=stage)
-    augmenter = augment.SSLAugment(backbone.input_size, scale=tuple(args.crop_scale),
+    augmenter = augment.SSLAugment(architecture.input_size, scale=tuple(args.crop_scale),
                                    solarize_p=args.solarize_p,
                                    resample_dtype=runtime.resample_dtype)
     loop_start = time.time()
     record, knn = train_ssl(args, runtime, run, method=method, train_store=train_store,
-                            augmenter=augmenter, knn_sets=(bank, queries), backbone=backbone)
+                            augmenter=augmenter, knn_sets=(bank, queries),
+                            architecture=architecture)
     trained = (args.epochs - run.start["epoch"]) * stage["images_per_epoch"]
-    return summarize(args, run.log, runtime, backbone=backbone, stages=run.all_stages(),
+    return summarize(args, run.log, runtime, architecture=architecture, stages=run.all_stages(),
                      method=args.method, final_loss=record.get("loss"), knn_top1=knn,
                      macs_per_image=stage["macs_per_image"],
                      images_per_s=round(trained / (time.time() - loop_start), 1),
@@ -664,7 +667,7 @@ def pretrain(args) -> dict:
 
 
 def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, knn_sets,
-              backbone: Backbone):
+              architecture: Architecture):
     """The pretraining loop, the same for every method: per step, two views of a batch, then
     loss = method(view1, view2), backward and SGD (pretrain_step); per epoch, the kNN monitor where
     labels exist, a log record and a checkpoint (run: runs.Run). Returns (the last epoch's record,
@@ -673,8 +676,9 @@ def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, k
     apply = torch.compile(augmenter.apply) if args.compile else augmenter.apply  # one fused graph
     group = args.batch_size if args.sync_bn else args.bn_batch or \
         args.batch_size // runtime.world_size
-    print(f"pretraining {args.method} {backbone.arch} conv5={backbone.conv5} at "
-          f"{backbone.input_size} px on {len(train_store)} images: {run.num_steps} steps/epoch, "
+    print(f"pretraining {args.method} {architecture.arch} conv5={architecture.conv5} at "
+          f"{architecture.input_size} px on {len(train_store)} images: {run.num_steps} steps per "
+          "epoch, "
           f"BN groups of {group} images")
     record, knn = {}, None
     with run:
@@ -691,7 +695,7 @@ def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, k
                 run.step_done(step, loss, lr)
             record = run.epoch_record()
             if knn_sets[0] is not None and due(epoch, args.epochs, args.knn_every):
-                knn = knn_eval(method.backbone, *knn_sets, input_size=backbone.input_size,
+                knn = knn_eval(method.backbone, *knn_sets, input_size=architecture.input_size,
                                runtime=runtime, k=args.knn_k, t=args.knn_t)
                 record["knn_top1"] = round(knn, 2)
             run.save_epoch(record)
@@ -707,9 +711,9 @@ def supervised_setup(args, build_conv5=None):
     network); None builds what the flags and checkpoint say.
     Returns (runtime, backbone, train_store, test_store, net, the checkpoint's earlier stages)."""
     ckpt, state = runs.read_backbone(args.pretrained)
-    ckpt_size = (ckpt or {}).get("backbone", {}).get("input_size")  # kNN: the checkpoint's size
-    backbone = resolve_backbone(args, state, input_size=ckpt_size)
-    built = backbone if build_conv5 is None else replace(backbone, conv5=build_conv5)
+    ckpt_size = (ckpt or {}).get("architecture", {}).get("input_size")  # kNN: the checkpoint's size
+    architecture = resolve_architecture(args, state, input_size=ckpt_size)
+    built = architecture if build_conv5 is None else replace(architecture, conv5=build_conv5)
     runtime = runtime_for(args)
     test_split = args.test_split or data.default_eval_split(args.data)
     train_store, test_store = data.labelled_splits(
@@ -718,7 +722,7 @@ def supervised_setup(args, build_conv5=None):
     torch.manual_seed(args.seed)
     net = built.build(num_classes=len(train_store.classes))
     if state is not None:  # backbone.conv5: the checkpoint's conv5 is used
-        load_pretrained(net, state, args.pretrained, keep_conv5=backbone.conv5)
+        load_pretrained(net, state, args.pretrained, keep_conv5=architecture.conv5)
     stages = ckpt.get("stages", []) if ckpt else []
     return runtime, built, train_store, test_store, net, stages
 
@@ -727,7 +731,7 @@ def finetune(args) -> dict:
     """Fine-tune the whole network (step 3 of the recipe), or, as `warmup-conv5`, train conv5 + fc
     on frozen SSL conv1-4 (step 2, small architecture). No --pretrained: from scratch."""
     warmup = args.command == "warmup-conv5"
-    runtime, backbone, train_store, test_store, net, stages = supervised_setup(
+    runtime, architecture, train_store, test_store, net, stages = supervised_setup(
         args, build_conv5=True)
     if args.bn_batch:  # per-GPU BN; a last, smaller batch splits as evenly as possible
         s3l.split_batchnorm_(net, args.batch_size // runtime.world_size // args.bn_batch)
@@ -744,27 +748,27 @@ def finetune(args) -> dict:
     model = torch.compile(net) if args.compile else net  # checkpoints from `net`: no _orig_mod.
     params = [p for p in net.parameters() if p.requires_grad]
     mixup_alpha = args.mixup_alpha if args.mixup else None
-    return train_classifier(args, runtime, backbone=backbone, net=net, model=model, params=params,
-                            train_store=train_store, test_store=test_store, stages=stages,
-                            frozen_bn=frozen_bn, mixup_alpha=mixup_alpha)
+    return train_classifier(args, runtime, architecture=architecture, net=net, model=model,
+                            params=params, train_store=train_store, test_store=test_store,
+                            stages=stages, frozen_bn=frozen_bn, mixup_alpha=mixup_alpha)
 
 
 def linear(args) -> dict:
     """Linear probe on frozen features (the official --linear-eval): backbone frozen with BN in eval
     mode, fc N(0, 0.01), SGD lr 10 with x0.1 steps, random crop + flip every epoch. With
     --cached-features: centre-crop features computed once and trained on (fast, not official)."""
-    runtime, backbone, train_store, test_store, net, stages = supervised_setup(args)
+    runtime, architecture, train_store, test_store, net, stages = supervised_setup(args)
     torch.nn.init.normal_(net.fc.weight, std=0.01)
     torch.nn.init.zeros_(net.fc.bias)
     net = runtime.place(net.requires_grad_(False))
     net.fc.requires_grad_(True)
     frozen = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("fc.")}
     if args.cached_features:
-        summary = linear_on_cached_features(args, runtime, backbone=backbone, net=net,
+        summary = linear_on_cached_features(args, runtime, architecture=architecture, net=net,
                                             train_store=train_store, test_store=test_store,
                                             stages=stages)
     else:
-        summary = train_classifier(args, runtime, backbone=backbone, net=net, model=net,
+        summary = train_classifier(args, runtime, architecture=architecture, net=net, model=net,
                                    params=list(net.fc.parameters()), train_store=train_store,
                                    test_store=test_store, stages=stages, frozen_bn=[net],
                                    mixup_alpha=None)
@@ -773,7 +777,7 @@ def linear(args) -> dict:
     return summary
 
 
-def train_classifier(args, runtime, *, backbone: Backbone, net, model, params, train_store,
+def train_classifier(args, runtime, *, architecture: Architecture, net, model, params, train_store,
                      test_store, stages: list, frozen_bn: list, mixup_alpha) -> dict:
     """The supervised loop of finetune, warmup-conv5 and the official linear probe: per step, the
     official train view of a batch (Resize -> RandomCrop + flip), cross-entropy (mixup: one lambda
@@ -782,17 +786,16 @@ def train_classifier(args, runtime, *, backbone: Backbone, net, model, params, t
     SGD trains; frozen_bn: modules kept in eval mode. Reports the final-epoch top-1 and the best
     epoch's, labelled as chosen on the test split (optimistic; the official code reports it)."""
     resumed = runs.resume_checkpoint(args.resume, args.command)
-    check_resume(args, runtime, resumed, train_store)
     best = resumed["best"] if resumed else dict(test_top1=None, epoch=None)
     acc = resumed["test_top1"] if resumed else None
     n, bs = len(train_store), args.batch_size
     # the last, smaller batch only if each process gets 2 images of it (BatchNorm needs 2)
     steps = n // bs + (n % bs >= 2 * runtime.world_size)
     stage = dict(epochs=args.epochs, images_per_epoch=min(n, steps * bs),
-                 macs_per_image=models.macs(backbone.build(), backbone.input_size))
-    run = open_run(args, runtime, backbone=backbone, model=net, params=params, resumed=resumed,
-                   train_store=train_store, stages=stages, steps=steps, stage=stage,
-                   results=dict(best=best, test_top1=acc))
+                 macs_per_image=models.macs(architecture.build(), architecture.input_size))
+    run = open_run(args, runtime, architecture=architecture, model=net, params=params,
+                   resumed=resumed, train_store=train_store, stages=stages, steps=steps,
+                   stage=stage, results=dict(best=best, test_top1=acc))
     trained = runtime.wrap(model)  # DDP under torchrun
     with run:
         for epoch in run.epochs():
@@ -803,16 +806,16 @@ def train_classifier(args, runtime, *, backbone: Backbone, net, model, params, t
                 lr = s3l.lr_at(epoch + step / steps, args.epochs, args.lr, steps=args.lr_steps)
                 s3l.set_lr(run.state.optimizer, lr)
                 x, y = classifier_batch(train_store, run.batch(step), run.generator, runtime,
-                                        input_size=backbone.input_size)
+                                        input_size=architecture.input_size)
                 loss = supervised_step(trained, run.state, runtime, x, y, mixup_alpha)
                 run.step_done(step, loss, lr)
             record = run.epoch_record()
             if due(epoch, args.epochs, args.eval_every):
-                acc = classify_top1(model, test_store, backbone.input_size, runtime)
+                acc = runs.classify_top1(model, test_store, architecture.input_size, runtime)
                 record["test_top1"] = round(acc, 2)
                 best = best_top1(best, acc, epoch)
             run.save_epoch(record, best=best, test_top1=acc)
-    return finish_supervised(args, run.log, runtime, backbone=backbone, acc=acc, best=best,
+    return finish_supervised(args, run.log, runtime, architecture=architecture, acc=acc, best=best,
                              stages=run.all_stages())
 
 
@@ -826,7 +829,7 @@ def classifier_batch(train_store: data.ImageStore, idx: torch.Tensor, generator,
     images, _ = train_store.batch(mine, runtime.device)
     crops = augment.finetune_train_params(train_store.sizes[idx], input_size, generator)
     x = augment.finetune_train_view(images, runtime.share(crops), input_size,
-                                 dtype=runtime.resample_dtype)
+                                    dtype=runtime.resample_dtype)
     return runtime.prepare(x), train_store.labels[mine]
 
 
@@ -839,12 +842,12 @@ def best_top1(best: dict, acc: float, epoch: int) -> dict:
     return best
 
 
-def linear_on_cached_features(args, runtime, *, backbone: Backbone, net, train_store,
+def linear_on_cached_features(args, runtime, *, architecture: Architecture, net, train_store,
                               test_store, stages: list) -> dict:
     """The fast probe: centre-crop features of both splits computed once, then the fc trained on
     them with the probe's schedule (full-batch epochs of minibatches, no augmentation)."""
-    log, t0 = run_log(args, runtime, backbone), time.time()
-    feats = [extract_features(net, s, backbone.input_size, runtime, normalize=False)
+    log, t0 = run_log(args, runtime, architecture), time.time()
+    feats = [runs.extract_features(net, s, architecture.input_size, runtime, normalize=False)
              for s in (train_store, test_store)]
     optimizer = runtime.sgd(net.fc.parameters(), args.lr, args.momentum, args.weight_decay)
     n, bs = len(train_store), args.batch_size
@@ -868,29 +871,29 @@ def linear_on_cached_features(args, runtime, *, backbone: Backbone, net, train_s
         log.record(dict(epoch=epoch + 1, loss=loss_sum.item() / math.ceil(n / bs), lr=lr,
                         test_top1=round(acc, 2)))
     wall = time.time() - t0
-    macs = models.macs(backbone.build(), backbone.input_size)
-    stages = stages + [dict(command=args.command, **asdict(backbone), wall_s=round(wall, 1),
+    macs = models.macs(architecture.build(), architecture.input_size)
+    stages = stages + [dict(command=args.command, **asdict(architecture), wall_s=round(wall, 1),
                             epochs=args.epochs, macs_per_image=macs, images_per_epoch=n,
                             cached_features=True)]
     if runtime.is_main:  # every process trained the same fc on the same gathered features
         runs.save_checkpoint(os.path.join(args.save_dir, "checkpoint.pt"), dict(
             format="s3l", kind=args.command, model=net.state_dict(), epoch=args.epochs,
-            wall_s=wall, config=vars(args), backbone=asdict(backbone), stages=stages, best=best,
-            test_top1=acc))
-    return finish_supervised(args, log, runtime, backbone=backbone, acc=acc, best=best,
+            wall_s=wall, config=vars(args), architecture=asdict(architecture), stages=stages,
+            best=best, test_top1=acc))
+    return finish_supervised(args, log, runtime, architecture=architecture, acc=acc, best=best,
                              stages=stages)
 
 
-def finish_supervised(args, log, runtime, *, backbone: Backbone, acc: float, best: dict,
+def finish_supervised(args, log, runtime, *, architecture: Architecture, acc: float, best: dict,
                       stages: list) -> dict:
     """summary.json and the closing line of a supervised stage."""
     protocol = None
     if args.command == "linear":
         protocol = "cached centre-crop features" if args.cached_features else \
             "official: random crop + flip through the frozen backbone"
-    summary = summarize(args, log, runtime, backbone=backbone, stages=stages, protocol=protocol,
-                        test_top1_final=acc, test_top1_best_chosen_on_test=best["test_top1"],
-                        best_epoch=best["epoch"])
+    summary = summarize(args, log, runtime, architecture=architecture, stages=stages,
+                        protocol=protocol, test_top1_final=acc,
+                        test_top1_best_chosen_on_test=best["test_top1"], best_epoch=best["epoch"])
     print(f"{args.command}{f' ({protocol})' if protocol else ''}: final-epoch test top-1 "
           f"{acc:.2f}% (best {best['test_top1']:.2f}% at epoch {best['epoch']}, chosen on the test "
           f"split); {stages[-1]['wall_s'] / 60:.1f} min")
@@ -899,16 +902,16 @@ def finish_supervised(args, log, runtime, *, backbone: Backbone, acc: float, bes
 
 def knn(args) -> dict:
     """Weighted kNN top-1 of a checkpoint's backbone, or of the untrained one (seeded)."""
-    runtime, backbone, bank, queries, net, _ = supervised_setup(args)
-    log, t0 = run_log(args, runtime, backbone), time.time()
-    acc = knn_eval(runtime.place(net), bank, queries, input_size=backbone.input_size,
+    runtime, architecture, bank, queries, net, _ = supervised_setup(args)
+    log, t0 = run_log(args, runtime, architecture), time.time()
+    acc = knn_eval(runtime.place(net), bank, queries, input_size=architecture.input_size,
                    runtime=runtime, k=args.knn_k, t=args.knn_t)
     record = dict(knn_top1=round(acc, 2), k=args.knn_k, t=args.knn_t, bank=len(bank),
-                  queries=len(queries), input_size=backbone.input_size,
+                  queries=len(queries), input_size=architecture.input_size,
                   wall_s=round(time.time() - t0, 1))
     log.record(record)
-    log.summary(dict(command="knn", pretrained=args.pretrained, arch=backbone.arch,
-                     conv5=backbone.conv5, **record))
+    log.summary(dict(command="knn", pretrained=args.pretrained, arch=architecture.arch,
+                     conv5=architecture.conv5, **record))
     return record
 
 
@@ -921,16 +924,16 @@ def default_job(job=DEFAULT_JOB) -> None:
     args = parse_args(job)
     summary = run_command(args)
     runtime = runtime_for(args)
-    backbone = resolve_backbone(args)
+    architecture = resolve_architecture(args)
     store = store_args(args, runtime)
     bank = data.load_store(args.data, "train", args.input_size, min_crop_scale=args.crop_scale[0],
                            **store)
     queries = data.load_store(args.data, "test", args.input_size, **store)
     torch.manual_seed(args.seed)  # the very initialisation the pretraining started from
-    before = knn_eval(runtime.place(backbone.build()), bank, queries, input_size=args.input_size,
-                      runtime=runtime, k=args.knn_k, t=args.knn_t)
+    before = knn_eval(runtime.place(architecture.build()), bank, queries,
+                      input_size=args.input_size, runtime=runtime, k=args.knn_k, t=args.knn_t)
     print(f"\nkNN top-1 on the built-in shapes ({len(queries)} test images, {len(data.SHAPES)} "
-          f"classes, {backbone.arch} at {args.input_size} px, final epoch)")
+          f"classes, {architecture.arch} at {args.input_size} px, final epoch)")
     print(f"{'backbone':<34}{'kNN top-1 %':>12}")
     for name, acc in [("untrained", before),
                       (f"{args.method} pretrained, {args.epochs} epochs", summary["knn_top1"])]:
@@ -941,8 +944,7 @@ def default_job(job=DEFAULT_JOB) -> None:
 # ----- main ---------------------------------------------------------------------------------------
 
 COMMANDS = {"pretrain": pretrain, "finetune": finetune, "warmup-conv5": finetune, "linear": linear,
-            "knn": knn,
-            "export": lambda args: runs.export_backbone(args.checkpoint, args.out)}
+            "knn": knn, "export": lambda args: runs.export_backbone(args.checkpoint, args.out)}
 
 
 def check_paths(args) -> None:
