@@ -6,7 +6,8 @@ arXiv 2002.05709); MoCo (He et al. 2020, arXiv 1911.05722) and MoCo v2 (Chen et 
 2003.04297); BYOL (Grill et al. 2020, arXiv 2006.07733); mixup (Zhang et al. 2018, arXiv
 1710.09412).
 
-  losses   nt_xent, info_nce, byol_loss, momentum_update_  (fp32 even under autocast)
+  losses   nt_xent (nt_xent_gathered: several processes), info_nce, byol_loss,
+           momentum_update_  (fp32 even under autocast)
   ranks    rank_and_world_size, concat_all_gather, gather_with_grad  (no-ops in one process)
   heads    mlp, SplitBatchNorm, group_views, ungroup_views, split_batchnorm_
   methods  SimCLR, MoCo, BYOL, METHODS  (each forward(view1, view2) -> loss: one loop trains
@@ -32,29 +33,40 @@ import torch.nn.functional as F
 
 # ----- losses -------------------------------------------------------------------------------------
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
-            z1_all: torch.Tensor | None = None, z2_all: torch.Tensor | None = None,
-            rank: int = 0) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's NT-Xent loss (Chen et al. 2020, Sec. 2.1, Eq. 1), in fp32 even under autocast.
 
     z1, z2: (N, D) projections of two views; row i of each comes from the same image.
     Each of the 2N rows is an anchor with one positive (its other view) and 2N - 2 negatives.
-    Several processes: z1_all, z2_all: (M, D) every rank's z1, z2 in rank order, this rank's rows
-    at rank * N; the 2N local anchors then meet all 2M rows (2M - 2 negatives each).
-    Returns the mean over the anchors. Inputs are L2-normalised here, not by the caller.
+    Returns the mean over the 2N anchors. Inputs are L2-normalised here, not by the caller.
     """
-    if z1_all is None:
-        z1_all, z2_all = z1, z2
-    n, m = z1.shape[0], z1_all.shape[0]
+    n = z1.shape[0]
     # fp32: a bf16 cosine carries ~3 significant digits, and 1 / temperature multiplies its error
     with torch.autocast(z1.device.type, enabled=False):
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D)
+        sim = z @ z.T / temperature  # (2N, 2N)
+        # an anchor is never its own negative: -inf on the diagonal drops it from the denominator
+        self_mask = torch.eye(2 * n, dtype=torch.bool, device=sim.device)
+        positive = torch.arange(2 * n, device=sim.device).roll(n)  # row i's other view: i +- N
+        return F.cross_entropy(sim.masked_fill(self_mask, float("-inf")), positive)
+
+
+def nt_xent_gathered(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
+                     z1_all: torch.Tensor, z2_all: torch.Tensor, rank: int) -> torch.Tensor:
+    """nt_xent of one of several processes: its 2N anchors against the rows of every process.
+
+    z1, z2: (N, D) this rank's projections; z1_all, z2_all: (M, D) every rank's, in rank order,
+    this rank's rows at rank * N. Each anchor has 2M - 2 negatives; the mean over the ranks of
+    their losses is nt_xent of the whole batch (with gather_with_grad, so are the gradients).
+    """
+    n, m = z1.shape[0], z1_all.shape[0]
+    with torch.autocast(z1.device.type, enabled=False):  # fp32, as nt_xent
         anchors = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D)
         candidates = F.normalize(torch.cat([z1_all, z2_all]).float(), dim=1)  # (2M, D)
         sim = anchors @ candidates.T / temperature  # (2N, 2M)
         # image i of this rank is row `own` of each view's block; its other view is M rows away
         own = rank * n + torch.arange(n, device=sim.device)  # (N,)
         self_idx, pos_idx = torch.cat([own, own + m]), torch.cat([own + m, own])  # (2N,) each
-        # an anchor is never its own negative: -inf at its own column drops it from the denominator
         self_mask = torch.arange(2 * m, device=sim.device) == self_idx[:, None]  # (2N, 2M)
         return F.cross_entropy(sim.masked_fill(self_mask, float("-inf")), pos_idx)
 
@@ -259,7 +271,7 @@ class SimCLR(nn.Module):
             # this is the single-process gradient of the concatenated batch (see gather_with_grad);
             # gathered in fp32, the loss's precision, so the gradients are summed in fp32 too
             z1_all, z2_all = gather_with_grad(z1.float()), gather_with_grad(z2.float())  # (M, dim)
-            loss = nt_xent(z1, z2, self.temperature, z1_all, z2_all, rank)
+            loss = nt_xent_gathered(z1, z2, self.temperature, z1_all, z2_all, rank)
         else:
             loss = nt_xent(z1, z2, self.temperature)
         return loss * (self.temperature / self.base_temperature)

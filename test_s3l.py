@@ -131,9 +131,11 @@ def test_nt_xent_of_every_rank_with_gathered_candidates_averages_to_the_whole_ba
     """Anchors local, candidates from all ranks: the mean over ranks of the rank losses is Eq. 1
     over the concatenated batch (each rank's positives sit at its own global rows)."""
     z1, z2 = randn(6, 8, seed=1), randn(6, 8, seed=2)  # 3 ranks of 2 images
-    per_rank = [s3l.nt_xent(z1[2 * r:2 * r + 2], z2[2 * r:2 * r + 2], 0.5, z1, z2, rank=r)
+    per_rank = [s3l.nt_xent_gathered(z1[2 * r:2 * r + 2], z2[2 * r:2 * r + 2], 0.5, z1, z2, rank=r)
                 for r in range(3)]
     assert float(sum(per_rank) / 3) == pytest.approx(float(s3l.nt_xent(z1, z2, 0.5)), rel=1e-6)
+    one_rank = s3l.nt_xent_gathered(z1, z2, 0.5, z1, z2, rank=0)  # one process: the same loss
+    assert float(one_rank) == pytest.approx(float(s3l.nt_xent(z1, z2, 0.5)), rel=1e-6)
 
 
 @pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "byol_loss"])
