@@ -22,6 +22,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -71,8 +72,11 @@ def _images_under(folder: str) -> list:
 
 
 def list_image_folder(root: str) -> Listing:
-    """ImageFolder layout `root/<class>/<image>` (torchvision's): sorted classes, label = index."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    """ImageFolder layout `root/<class>/<image>` (torchvision's): sorted classes, label = index.
+    A class folder that is a link back into the tree (to root or above it) is not a class."""
+    real_root = os.path.realpath(root)
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+                     and not _links_into(os.path.join(root, e.name), real_root))
     paths, labels = [], []
     for label, cls in enumerate(classes):
         files = _images_under(os.path.join(root, cls))
@@ -82,6 +86,15 @@ def list_image_folder(root: str) -> Listing:
         paths += files
         labels += [label] * len(files)
     return Listing(paths, labels, classes, os.path.basename(os.path.normpath(root)))
+
+
+def _links_into(path: str, real_root: str) -> bool:
+    """Whether `path` is a symlink to `real_root` itself or to a folder above it: following it
+    would list the tree again."""
+    if not os.path.islink(path):
+        return False
+    target = os.path.realpath(path)
+    return real_root == target or real_root.startswith(target.rstrip(os.sep) + os.sep)
 
 
 def list_flat_folder(root: str) -> Listing:
@@ -270,13 +283,29 @@ def _cache_key(paths, short_side: int, max_aspect: float) -> str:
     h = hashlib.sha1(f"v{CACHE_VERSION} short_side={short_side} max_aspect={max_aspect!r}\n"
                      .encode())
     for p in paths:  # a changed, added or removed file changes the key
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(p)
+            stamp = f"{st.st_size}\t{st.st_mtime_ns}"
+        except OSError:  # a dangling link, no permission: decoding skips it and says why
+            stamp = "unreadable"
+        # surrogateescape: a file name that is not valid UTF-8 is hashed by its bytes
+        h.update(f"{os.path.abspath(p)}\t{stamp}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:20]
 
 
 def format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_free_space(cache_dir: str, needed: int, name: str) -> None:
+    """Refuse to decode into a disk without room: a memory-mapped write beyond the free space
+    ends the process with a bus error, not an exception."""
+    free = shutil.disk_usage(cache_dir).free
+    if free < needed + 2**24:
+        raise ValueError(f"decoding {name} needs up to {format_bytes(needed)} in --cache-dir "
+                         f"{cache_dir}, which has {format_bytes(free)} free: free some space, pass "
+                         "another --cache-dir, a lower --cache-max-gb (older splits are removed) "
+                         "or a smaller --store-size")
 
 
 def _compact(tmp: str, n: int, canvas: int) -> str:
@@ -286,6 +315,7 @@ def _compact(tmp: str, n: int, canvas: int) -> str:
     if src.shape[0] == n and src.shape[-1] == canvas:
         return tmp
     path = tmp[:-len(".tmp.npy")] + ".compact.tmp.npy"
+    _check_free_space(os.path.dirname(tmp), n * 3 * canvas ** 2, os.path.basename(tmp))
     dst = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 3, canvas, canvas))
     for start in range(0, n, 256):  # in chunks: the buffer may be larger than memory
         stop = min(start + 256, n)
@@ -391,26 +421,37 @@ def load_split(listing: Listing, short_side: int, cache_dir: str, workers: int =
         return cached
     n, long_max, t0 = len(listing.paths), max(1, round(short_side * max_aspect)), time.time()
     tmp = f"{base}.{os.getpid()}.tmp.npy"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                    shape=(n, 3, long_max, long_max))  # zeros outside each image
-    kept, sizes, skipped = _decode_into(out, listing, short_side, max_aspect,
-                                        workers or os.cpu_count() or 1)
-    out.flush()
-    del out
-    for path, err in skipped[:10]:
-        log(f"skipped unreadable image {path}: {err}")
-    if skipped:
-        log(f"{listing.name}: skipped {len(skipped)} unreadable of {n} files")
-    if not kept:
-        os.remove(tmp)
-        raise ValueError(f"none of the {n} images of {listing.name} could be decoded "
-                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
-    tmp = _compact(tmp, len(kept), max(max(hw) for hw in sizes))
-    with open(base + ".json.tmp", "w") as f:
-        json.dump({"kept": kept, "sizes": sizes, "skipped": skipped, "short_side": short_side,
-                   "max_aspect": max_aspect}, f)
-    os.replace(base + ".json.tmp", base + ".json")
-    os.replace(tmp, base + ".npy")  # atomic: a crash mid-decode never leaves a half cache behind
+    _check_free_space(cache_dir, n * 3 * long_max ** 2, listing.name)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(n, 3, long_max, long_max))  # zeros outside images
+        kept, sizes, skipped = _decode_into(out, listing, short_side, max_aspect,
+                                            workers or os.cpu_count() or 1)
+        out.flush()
+        del out
+        for path, err in skipped[:10]:
+            log(f"skipped unreadable image {path}: {err}")
+        if skipped:
+            log(f"{listing.name}: skipped {len(skipped)} unreadable of {n} files")
+        if not kept:
+            raise ValueError(f"none of the {n} images of {listing.name} could be decoded "
+                             f"(first: {skipped[0][0]}: {skipped[0][1]})")
+        tmp = _compact(tmp, len(kept), max(max(hw) for hw in sizes))
+        with open(base + ".json.tmp", "w") as f:
+            json.dump({"kept": kept, "sizes": sizes, "skipped": skipped,
+                       "short_side": short_side, "max_aspect": max_aspect}, f)
+        os.replace(base + ".json.tmp", base + ".json")
+        os.replace(tmp, base + ".npy")  # atomic: a crash mid-decode never leaves a half cache
+    except (OSError, ValueError) as e:
+        for path in (tmp, tmp.replace(".tmp.npy", ".compact.tmp.npy"), base + ".json.tmp",
+                     base + ".json"):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        if isinstance(e, ValueError):
+            raise
+        raise ValueError(f"cannot write the decode cache in --cache-dir {cache_dir} "
+                         f"({e.strerror or e}; {format_bytes(shutil.disk_usage(cache_dir).free)} "
+                         "free): free some space or pass another --cache-dir") from None
     if max_bytes is not None:
         prune_cache(cache_dir, max_bytes, keep=base, log=log)
     images = np.load(base + ".npy", mmap_mode="r")
@@ -545,26 +586,32 @@ def synthetic_dataset(n: int, size: int, seed: int, supersample: int = 2):
     flips and rotations; shapes are coarse enough to survive the blur), while the nuisances that
     dominate random features (foreground and background colour from a palette of 6, position, scale
     0.6-0.9, rotation) are what the augmentations teach invariance to. The palette is fixed, so
-    every split shares it.
+    every split shares it. Drawn in chunks, so memory stays bounded at any size.
     """
     palette = torch.rand(6, 3, generator=torch.Generator().manual_seed(2103_13559))
     g = torch.Generator().manual_seed(seed)
     labels = (torch.arange(n) % len(SHAPES))[torch.randperm(n, generator=g)]
-    s = size * supersample
-    coords = (torch.arange(s) + 0.5) / s * 2 - 1  # pixel centres in [-1, 1]
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
     radius = uniform(n, 0.6, 0.9, g).view(n, 1, 1)
     cx, cy = [uniform(n, -1, 1, g).view(n, 1, 1) * (1 - radius) for _ in range(2)]  # fully inside
     angle = uniform(n, 0, 2 * math.pi, g).view(n, 1, 1)
-    dx, dy = (x - cx) / radius, (y - cy) / radius
-    u = dx * torch.cos(angle) + dy * torch.sin(angle)  # (n, s, s) coordinates in the shape's frame
-    v = -dx * torch.sin(angle) + dy * torch.cos(angle)
-    mask = _shape_mask(labels, u, v).unsqueeze(1).float()  # (n, 1, s, s)
     fg = torch.randint(0, 6, (n,), generator=g)
     bg = (fg + torch.randint(1, 6, (n,), generator=g)) % 6  # never the foreground's colour
-    img = mask * palette[fg].view(n, 3, 1, 1) + (1 - mask) * palette[bg].view(n, 3, 1, 1)
-    img = F.avg_pool2d(img, supersample)  # antialiased edges
-    return (img * 255 + 0.5).clamp(0, 255).to(torch.uint8), labels
+    s = size * supersample
+    coords = (torch.arange(s) + 0.5) / s * 2 - 1  # pixel centres in [-1, 1]
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    chunk = max(1, 2**21 // (s * s))  # images drawn at once: ~20 float maps of 8 MB, any size
+    for i in range(0, n, chunk):
+        j = slice(i, i + chunk)
+        dx, dy = (x - cx[j]) / radius[j], (y - cy[j]) / radius[j]
+        u = dx * torch.cos(angle[j]) + dy * torch.sin(angle[j])  # (c, s, s) in the shape's frame
+        v = -dx * torch.sin(angle[j]) + dy * torch.cos(angle[j])
+        mask = _shape_mask(labels[j], u, v).unsqueeze(1).float()  # (c, 1, s, s)
+        img = mask * palette[fg[j]].unsqueeze(-1).unsqueeze(-1) + \
+            (1 - mask) * palette[bg[j]].unsqueeze(-1).unsqueeze(-1)
+        img = F.avg_pool2d(img, supersample)  # antialiased edges
+        images[j] = (img * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    return images, labels
 
 
 def synthetic_store(n: int, size: int, seed: int) -> ImageStore:
@@ -618,7 +665,7 @@ def load_train_store(root, split: str, input_size: int, *, subset: str, seed: in
     cache too; writes=False, every process but rank 0: neither). store: load_store's settings."""
     store = load_store(root, split, input_size, **store)
     if store.skipped and writes:
-        with open(os.path.join(save_dir, "skipped.txt"), "w") as f:
+        with open(os.path.join(save_dir, "skipped.txt"), "w", errors="surrogateescape") as f:
             f.write("".join(f"{path}\n" for path in store.skipped))
         print(f"{len(store.skipped)} unreadable files skipped, listed in {save_dir}/skipped.txt")
     if not subset:
@@ -626,7 +673,7 @@ def load_train_store(root, split: str, input_size: int, *, subset: str, seed: in
     labels = None if store.labels is None else store.labels.tolist()
     idx = subset_indices(labels, subset, seed)
     if writes:
-        with open(os.path.join(save_dir, "subset.txt"), "w") as f:
+        with open(os.path.join(save_dir, "subset.txt"), "w", errors="surrogateescape") as f:
             f.write("".join(f"{store.paths[i] if store.paths else i}\n" for i in idx))
     print(f"--subset {subset}: {len(idx)} of {len(store)} images ({save_dir}/subset.txt)")
     return store.subset(idx)

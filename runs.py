@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -138,8 +139,28 @@ def save_checkpoint(path: str, state: dict) -> None:
     if isinstance(state, dict) and state.get("format") == "s3l":
         state = dict(state, sha256=state_digest(state))
     tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise write_failed(path, e, "--save-dir or the output path") from None
+
+
+def write_failed(path: str, error: Exception, where: str) -> SystemExit:
+    """One line for a write that failed (a full disk, a read-only file system, no permission):
+    the file, the free space of its folder and what to do; `where` names the flag to change."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    why = error.strerror if isinstance(error, OSError) and error.strerror else \
+        str(error).splitlines()[0][:120]
+    return SystemExit(f"error: cannot write {path} ({why}; {free} in {folder}): free some space "
+                      f"there or pass another {where}. Nothing half-written was left; the last "
+                      "complete checkpoint is unchanged.")
 
 
 def read_checkpoint(path: str) -> dict:
@@ -575,43 +596,76 @@ class RunLog:
     records of the epochs it redoes. A loss far above the first epoch's is flagged.
     writes=False (every process but rank 0 under torchrun): the same calls, nothing written."""
 
-    def __init__(self, save_dir: str, config: dict, resume_epoch=None, writes: bool = True):
+    def __init__(self, save_dir: str, config: dict, resume_epoch=None, writes: bool = True,
+                 stop_diverging: bool = False):
+        """stop_diverging: a loss over 100x the first epoch's stops the run (the supervised
+        stages); else a warning (pretraining, where BYOL's loss may rise and fall)."""
         self.save_dir, self.first_loss, self.log_file = save_dir, None, None
+        self.stop_diverging = stop_diverging
         if not writes:
             return
         os.makedirs(save_dir, exist_ok=True)
         config = dict(config, torch=torch.__version__, git_commit=git_commit())
-        with open(os.path.join(save_dir, "config.json"), "w") as f:
-            json.dump(json_safe(config), f, indent=2, allow_nan=False)
         path = os.path.join(save_dir, "log.jsonl")
         kept = []
         if resume_epoch is not None and os.path.exists(path):
             with open(path) as f:
                 kept = [line for line in f if json.loads(line).get("epoch", 0) <= resume_epoch]
-        self.log_file = open(path, "w")
-        self.log_file.writelines(kept)
+        write_json(os.path.join(save_dir, "config.json"), config)
+        try:
+            self.log_file = open(path, "w")
+            self.log_file.writelines(kept)
+        except OSError as e:
+            raise write_failed(path, e, "--save-dir") from None
         print("config: " + json.dumps({k: v for k, v in config.items() if v is not None}))
+
+    def check(self, record: dict) -> None:
+        """A loss over 10x the first epoch's: a warning; over 100x with stop_diverging, the end of
+        the run (exit status 1) before this epoch is saved. (The linear probe's lr 10 on raw
+        features swings by 1-30x between epochs and still converges once lr steps down.)"""
+        loss = record.get("loss")
+        if loss is None or not math.isfinite(loss):
+            return
+        if self.first_loss is None:
+            self.first_loss = loss
+            return
+        ratio = abs(loss) / max(abs(self.first_loss), 1e-12)
+        what = f"the loss ({loss:.4g}) is {ratio:.0f}x the first epoch's ({self.first_loss:.4g})"
+        if self.stop_diverging and ratio > 100:
+            raise NonFiniteLoss(f"\nerror: {what}: training diverges. Lower --lr; this epoch was "
+                                "not saved, the last checkpoint is unchanged.")
+        if ratio > 10:
+            print(f"\nwarning: {what}: training may be diverging (try a lower --lr)")
 
     def record(self, record: dict) -> None:
         if self.log_file is None:
             return
-        loss = record.get("loss")
-        if loss is not None and self.first_loss is None:
-            self.first_loss = loss
-        elif loss is not None and abs(loss) > 10 * abs(self.first_loss):
-            print(f"\nwarning: the loss ({loss:.4g}) is over 10x the first epoch's "
-                  f"({self.first_loss:.4g}): training may be diverging (try a lower --lr)")
-        self.log_file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-        self.log_file.flush()
+        try:
+            self.log_file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+            self.log_file.flush()
+        except OSError as e:
+            raise write_failed(self.log_file.name, e, "--save-dir") from None
         print("\r" + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                for k, v in record.items()) + " " * 10)
 
     def summary(self, summary: dict) -> None:
         if self.log_file is None:
             return
-        with open(os.path.join(self.save_dir, "summary.json"), "w") as f:
-            json.dump(json_safe(summary), f, indent=2, allow_nan=False)
+        write_json(os.path.join(self.save_dir, "summary.json"), summary)
         self.log_file.close()
+
+
+def write_json(path: str, value: dict) -> None:
+    """`value` as strict JSON at `path`, atomically (a temp file, then a rename)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(json_safe(value), f, indent=2, allow_nan=False)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise write_failed(path, e, "--save-dir") from None
 
 
 class NonFiniteLoss(SystemExit):
@@ -627,10 +681,13 @@ class EpochMeter:
     """
 
     def __init__(self, epoch: int, epochs: int, steps: int, batch_size: int, images: int,
-                 print_freq: int, device: torch.device, first_step: int = 0, sums=(0.0, 0.0)):
-        """first_step, sums: where an interrupted epoch stopped, its (loss sum, finite count)."""
+                 print_freq: int, device: torch.device, first_step: int = 0, sums=(0.0, 0.0),
+                 causes: str = "the learning rate (--lr)"):
+        """first_step, sums: where an interrupted epoch stopped, its (loss sum, finite count).
+        causes: this run's settings that can make a loss non-finite, for the error."""
         self.epoch, self.epochs, self.steps, self.batch_size = epoch, epochs, steps, batch_size
         self.images, self.print_freq, self.first_step = images, print_freq, first_step
+        self.causes = causes
         self.loss_sum = torch.tensor(float(sums[0]), device=device)
         self.finite = torch.tensor(float(sums[1]), device=device)
         self.finite_seen, self.recent, self.t0 = sums[1], [], time.time()
@@ -668,9 +725,9 @@ class EpochMeter:
         if finite == self.finite_seen:
             raise NonFiniteLoss(
                 f"\nerror: the loss is not finite at epoch {self.epoch + 1} step {step + 1} (last "
-                f"losses read back: {', '.join(f'{x:.4g}' for x in self.recent)}). Likely causes: "
-                "a learning rate too high (lower --lr), or fp16 overflow (use --amp bf16 or off). "
-                "Nothing was saved for this epoch; the last checkpoint is unchanged.")
+                f"losses read back: {', '.join(f'{x:.4g}' for x in self.recent)}). Settings of "
+                f"this run that can cause it: {self.causes}. Nothing was saved for this epoch; the "
+                "last checkpoint is unchanged.")
         self.finite_seen = finite
 
     def sums(self) -> tuple:
@@ -680,21 +737,29 @@ class EpochMeter:
         return tuple(mean_over_processes(torch.stack([self.loss_sum, self.finite])).tolist())
 
     def record(self) -> dict:
-        """The epoch's log record: mean finite loss, last lr, seconds, images/s."""
+        """The epoch's log record: the mean loss, the count of non-finite steps (the loss is then
+        NaN, written null, and the finite steps' mean is given beside it, never in its place), the
+        last lr, seconds, images/s."""
         seconds = time.time() - self.t0
         loss_sum, finite = self.sums()
         done = (self.steps - self.first_step) * self.images / self.steps
-        return dict(epoch=self.epoch + 1, loss=loss_sum / finite if finite else float("nan"),
-                    lr=self.lr, epoch_s=round(seconds, 2), images_per_s=round(done / seconds, 1))
+        nonfinite = round(self.steps - finite)
+        record = dict(epoch=self.epoch + 1, loss=loss_sum / finite if finite else float("nan"),
+                      nonfinite_steps=nonfinite, lr=self.lr, epoch_s=round(seconds, 2),
+                      images_per_s=round(done / seconds, 1))
+        if nonfinite:
+            record.update(loss=float("nan"), loss_of_finite_steps=loss_sum / max(finite, 1))
+        return record
 
 
-def check_finite_weights(module: torch.nn.Module, epoch: int) -> None:
-    """Stop before a checkpoint would save weights that hold NaN or inf."""
+def check_finite_weights(module: torch.nn.Module, epoch: int,
+                         causes: str = "the learning rate (--lr)") -> None:
+    """Stop before a checkpoint would save weights that hold NaN or inf; causes: as EpochMeter's."""
     bad = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         raise NonFiniteLoss(f"\nerror: after epoch {epoch} the weights hold NaN or inf "
-                            f"({', '.join(bad[:3])}, ...): not saved. Lower --lr, or use --amp "
-                            "bf16 or off instead of fp16; the last checkpoint is unchanged.")
+                            f"({', '.join(bad[:3])}, ...): not saved. Settings of this run that "
+                            f"can cause it: {causes}. The last checkpoint is unchanged.")
 
 
 class Interrupt:
@@ -705,6 +770,7 @@ class Interrupt:
 
     def __init__(self, repeat_stops: bool = True):
         self.requested, self.repeat_stops, self.previous = False, repeat_stops, {}
+        self.exit_status = 130  # 128 + the signal's number, as the shell reports a killed process
 
     def __enter__(self) -> "Interrupt":
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -719,7 +785,7 @@ class Interrupt:
             raise KeyboardInterrupt
         if self.requested:
             return
-        self.requested = True
+        self.requested, self.exit_status = True, 128 + signum
         print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint")
 
 
@@ -733,12 +799,14 @@ NOT_DEFINING = {"resume", "force_resume", "save_dir", "device", "amp", "tf32", "
 
 def files_digest(paths) -> str:
     """A short hash of the training files, stored in checkpoints: --resume checks the file list."""
-    return hashlib.sha1("\n".join(map(str, paths)).encode()).hexdigest()[:16]
+    text = "\n".join(map(str, paths))
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def resume_checkpoint(path, command: str, method: str = None):
+def resume_checkpoint(path, command: str, method: str = None, epochs: int = None):
     """The --resume checkpoint at `path` (None: a fresh run), if it is one of `command` (and
-    `method`); else one line saying what it is and which command takes it."""
+    `method`); else one line saying what it is and which command takes it. A run that finished
+    its `epochs` says so and exits 0 before anything is written: its results stay as they are."""
     if not path:
         return None
     ckpt = read_checkpoint(path)
@@ -751,6 +819,11 @@ def resume_checkpoint(path, command: str, method: str = None):
         what = f"{kind} --method {config['method']}" if config.get("method") else kind
         raise SystemExit(f"--resume {path} is a checkpoint of `train.py {what}`: resume it "
                          f"with that command (or start from it with --pretrained / --init-from)")
+    if epochs is not None and ckpt["epoch"] >= epochs and "step" not in ckpt:
+        print(f"--resume {path}: this run already finished its {ckpt['epoch']} epochs; nothing "
+              f"to do, nothing changed (its results: summary.json beside it). To train longer, "
+              "pass a larger --epochs with --force-resume")
+        raise SystemExit(0)
     return ckpt
 
 
@@ -816,8 +889,8 @@ class Run:
     def __init__(self, runtime: Runtime, state: TrainState, log: RunLog, resumed, *,
                  save_dir: str, save_every: int, seed: int, epochs: int, steps: int,
                  batch_size: int, images: int, print_freq: int, fields: dict, stages: list,
-                 stage: dict, results: dict = None):
-        self.runtime, self.state, self.log = runtime, state, log
+                 stage: dict, results: dict = None, causes: str = "the learning rate (--lr)"):
+        self.runtime, self.state, self.log, self.causes = runtime, state, log, causes
         self.save_dir, self.save_every, self.seed, self.print_freq = (save_dir, save_every, seed,
                                                                       print_freq)
         self.num_epochs, self.num_steps, self.batch_size, self.images = (epochs, steps,
@@ -855,7 +928,8 @@ class Run:
             self.meter = EpochMeter(epoch, self.num_epochs, self.num_steps, self.batch_size,
                                     self.stage["images_per_epoch"], self.print_freq,
                                     self.runtime.device, *((self.start["step"],
-                                                            self.start["sums"]) if inside else ()))
+                                                            self.start["sums"]) if inside else
+                                                           (0, (0.0, 0.0))), causes=self.causes)
             yield epoch
 
     def steps(self) -> range:
@@ -868,7 +942,8 @@ class Run:
     def step_done(self, step: int, loss: torch.Tensor, lr: float) -> None:
         """Count the step's loss (read back every print_freq steps). After Ctrl-C or SIGTERM: save
         the interrupted epoch (the step, loss sums and random states), say how to continue, exit
-        130. Under torchrun every process stops after the same step (EpochMeter.add)."""
+        130 (SIGINT) or 143 (SIGTERM). Under torchrun every process stops after the same step
+        (EpochMeter.add)."""
         if not self.meter.add(step, loss, lr, stop=self.interrupt.requested):
             return
         # meter.sums() is a collective: every process calls it, before rank 0 writes
@@ -877,7 +952,7 @@ class Run:
         path = os.path.join(self.save_dir, "checkpoint.pt")
         print(f"\ninterrupted in epoch {self.epoch + 1} after step {self.meter.step_done}: saved "
               f"{path}. Continue with the same command and --resume {path}")
-        raise SystemExit(130)
+        raise SystemExit(self.interrupt.exit_status)
 
     def epoch_record(self) -> dict:
         """The epoch's log record (mean loss, lr, seconds, images/s), once every process holds
@@ -887,10 +962,11 @@ class Run:
         return record
 
     def save_epoch(self, record: dict, **results) -> None:
-        """End of an epoch: stop if the weights are not finite, write the checkpoint (results
-        updated), then log `record`."""
+        """End of an epoch: stop if the weights are not finite or the loss diverges (RunLog.check),
+        write the checkpoint (results updated), and only then log `record`."""
         self.results.update(results)
-        check_finite_weights(self.state.model, self.epoch + 1)
+        check_finite_weights(self.state.model, self.epoch + 1, self.causes)
+        self.log.check(record)
         self.save(self.epoch + 1)
         self.log.record(record)
 

@@ -199,7 +199,7 @@ def run_step(step: Step, launcher: list) -> dict:
     with open(os.path.join(step.folder, "output.txt"), "a") as out:
         child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         # SIGTERM to the study is passed on; Ctrl-C reaches the child by itself. Either way the
-        # child ends its step, saves a checkpoint and exits 130, and the study waits for that
+        # child ends its step, saves a checkpoint and exits 130 or 143, and the study waits
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
         try:
             try:
@@ -208,7 +208,7 @@ def run_step(step: Step, launcher: list) -> dict:
                 status = child.wait()
         finally:
             signal.signal(signal.SIGTERM, previous)
-    if status == 130:  # the command was interrupted and saved its step: so does the study
+    if status in (130, 143):  # interrupted (SIGINT, SIGTERM), its step saved: so does the study
         raise KeyboardInterrupt
     if status != 0 or not os.path.exists(summary_path):
         with open(os.path.join(step.folder, "output.txt"), errors="replace") as f:
@@ -683,7 +683,8 @@ def main(argv: list) -> dict:
     finally:
         runs.unlock_run_folder(s["save_dir"])
     ran = sum(not st["reused"] for r in records for st in r["steps"])
-    print(f"study: {len(records)} arm runs, {ran} steps run, the rest reused; "
+    reused = sum(st["reused"] for r in records for st in r["steps"])
+    print(f"study: {len(records)} arm runs, {ran} steps run, {reused} reused from earlier runs; "
           f"{(time.time() - t0) / 60:.1f} min; {s['save_dir']}/results.md, results.json, "
           + ", ".join(os.path.basename(p) for p in plots))
     return dict(rows=rows, records=records, steps_run=ran)

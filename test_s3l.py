@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -948,6 +949,27 @@ def test_records_stay_valid_json_with_null_for_nan(tmp_path):
         {"a": None, "b": [1.0, None], "c": "x"}
 
 
+def test_an_epoch_with_non_finite_steps_logs_their_count_and_no_mean_that_hides_them():
+    """Steps 1, NaN, 3: the record's loss is NaN (null in log.jsonl), nonfinite_steps 1, and the
+    finite steps' mean 2 is given beside it under its own name."""
+    meter = runs.EpochMeter(0, 1, 3, 4, 12, print_freq=10, device=torch.device("cpu"))
+    for step, loss in enumerate([1.0, float("nan"), 3.0]):
+        meter.add(step, torch.tensor(loss), lr=0.1)
+    record = meter.record()
+    assert math.isnan(record["loss"]) and record["nonfinite_steps"] == 1
+    assert record["loss_of_finite_steps"] == 2.0
+
+
+def test_the_non_finite_diagnosis_names_this_runs_settings(tmp_path):
+    """--weight-decay 1e30 in an fp32 run: the error names it with its value and the precision,
+    not fp16 advice that does not apply."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    with pytest.raises(SystemExit, match=r"--weight-decay \(now 1e\+30\); --batch-size 8; fp32")\
+            as stop:
+        train.main(pretrain_argv(root, tmp_path / "run", "--weight-decay", "1e30", "--epochs", "3"))
+    assert "fp16" not in str(stop.value)
+
+
 def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path,
                                                                                   capsys):
     """One run per --save-dir: a live owner's lock refuses the second run; a dead one's is taken."""
@@ -981,9 +1003,11 @@ def test_interrupt_restores_the_previous_signal_handlers_even_when_the_loop_rais
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def test_sigint_saves_the_interrupted_epoch_and_resume_is_exact(tmp_path):
-    """Ctrl-C mid-epoch: the step ends, checkpoint.pt holds it, exit status 130; --resume from it
-    reaches the same weights as an uninterrupted run, and log.jsonl has each epoch once."""
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_saves_the_interrupted_epoch_and_resume_is_exact(tmp_path, signum, status):
+    """Ctrl-C (or SIGTERM) mid-epoch: the step ends, checkpoint.pt holds it, exit status 130 (143,
+    as the shell reports a terminated process); --resume from it reaches the same weights as an
+    uninterrupted run, and log.jsonl has each epoch once."""
     root = make_folder(tmp_path / "data", classes=2, per_class=16)
     extra = ["--epochs", "2", "--batch-size", "4", "--moco-k", "8"]
     argv = pretrain_argv(root, tmp_path / "run", *extra)
@@ -991,9 +1015,9 @@ def test_sigint_saves_the_interrupted_epoch_and_resume_is_exact(tmp_path):
     for line in iter(lambda: child.stdout.readline(), ""):  # wait until it trains
         if "step 2/" in line:
             break
-    child.send_signal(signal.SIGINT)
+    child.send_signal(signum)
     out = child.communicate(timeout=120)[0]
-    assert child.returncode == 130 and "--resume" in out, out
+    assert child.returncode == status and "--resume" in out, out
     assert "step" in torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     train.main(argv + ["--resume", str(tmp_path / "run" / "checkpoint.pt")])
     train.main(pretrain_argv(root, tmp_path / "full", *extra))
@@ -1101,6 +1125,85 @@ def test_a_batch_that_drops_over_a_tenth_of_the_split_says_so(tmp_path, capsys):
     assert "leave 6 of 14 images out of every epoch" in capsys.readouterr().out
 
 
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
+    """--resume of a run that finished every epoch: exit 0 with a line saying so; summary.json,
+    config.json, log.jsonl and the checkpoint are byte for byte as they were."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    argv = pretrain_argv(root, tmp_path / "run", "--epochs", "1")
+    train.main(argv)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv + ["--resume", str(tmp_path / "run" / "checkpoint.pt")])
+    assert stop.value.code == 0 and "already finished its 1 epochs" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == files
+
+
+def test_a_full_disk_at_a_checkpoint_stops_with_one_line_and_leaves_no_temp_file(tmp_path,
+                                                                                monkeypatch):
+    """torch.save failing as on a full disk (it raises RuntimeError there) in epoch 2: one line
+    naming the file, the free space and --save-dir; no .tmp left; epoch 1's checkpoint intact and
+    log.jsonl holds only the epoch that reached the disk."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    save, calls = torch.save, []
+
+    def failing_save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) > 1:
+            open(path, "wb").write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64")
+        return save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(SystemExit, match=r"cannot write .*checkpoint.pt .*MiB free in .*save-dir"):
+        train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "2"))
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "log.jsonl")] == [1]
+
+
+def test_a_cache_on_a_disk_without_room_is_refused_before_writing(tmp_path, monkeypatch):
+    """Too little free space for the decode buffer: one line naming --cache-dir and the remedies,
+    before any file is written (a memory-mapped write past a full disk is a bus error)."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: shutil_usage(free=300 * 1024))
+    with pytest.raises(SystemExit, match="needs up to .* in --cache-dir .* 0.3 MiB free.*"
+                                         "--cache-max-gb"):
+        train.main(pretrain_argv(root, tmp_path / "run"))
+    assert not [p for p in (tmp_path / "cache").iterdir()]
+
+
+def shutil_usage(free):
+    return type("usage", (), dict(total=free, used=0, free=free))()
+
+
+def test_a_damaged_cache_file_is_named_removed_and_decoded_again(tmp_path, capsys):
+    """A truncated .npy or a corrupt .json in the cache: named, removed, the split decoded again;
+    the run goes on."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1"))
+    npy = next((tmp_path / "cache").glob("*.npy"))
+    for damage in (lambda: npy.write_bytes(npy.read_bytes()[:200]),
+                   lambda: npy.with_suffix(".json").write_text("{not json")):
+        damage()
+        capsys.readouterr()
+        train.main(pretrain_argv(root, tmp_path / "again", "--epochs", "1"))
+        out = capsys.readouterr().out
+        assert f"cache {npy.with_suffix('')}.npy is damaged" in out and "decoded 16 images" in out
+        shutil.rmtree(tmp_path / "again")
+
+
+def test_odd_files_are_skipped_and_listed_and_a_looping_class_link_is_no_class(tmp_path):
+    """A dangling link and an unreadable file with a name that is not UTF-8 are skipped and listed
+    in skipped.txt; a class-folder link to the root is not a class; the run trains."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    os.symlink(tmp_path / "gone.png", tmp_path / "data" / "train" / "class0" / "dangling.png")
+    (tmp_path / "data" / "train" / "class1").joinpath(os.fsdecode(b"bad\xff.png")).write_bytes(b"x")
+    os.symlink("..", tmp_path / "data" / "train" / "loop")
+    assert data.list_split(root, "train").classes == ["class0", "class1"]
+    train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1"))
+    skipped = (tmp_path / "run" / "skipped.txt").read_bytes().splitlines()
+    assert sorted(os.path.basename(p) for p in skipped) == [b"bad\xff.png", b"dangling.png"]
+
+
 # ----- train.py under torchrun: 2 processes on CPU (gloo) -----------------------------------------
 
 # S3L's small architecture: BN over 4 images of layer4's 2 x 2 px amplifies float rounding (one
@@ -1113,8 +1216,8 @@ TORCHRUN_ARGS = ("--method", "moco", "--small-stem", "--no-conv5", "--lr", "0.01
 DIGESTING_TRAIN = """import os, sys
 import runs, train
 check = runs.check_finite_weights
-def check_and_digest(module, epoch):
-    check(module, epoch)
+def check_and_digest(module, epoch, *causes):
+    check(module, epoch, *causes)
     name = f"rank{os.environ['RANK']}-epoch{epoch}"
     open(os.path.join(os.path.dirname(__file__), name), "w").write(
         runs.state_digest(module.state_dict()))

@@ -214,7 +214,7 @@ def add_supervised_parsers(commands) -> None:
     for name, text in helps.items():
         p = commands.add_parser(name, formatter_class=HelpFormatter, help=text)
         add_data_args(p)
-        add_model_args(p, input_size=224, command=name)
+        add_model_args(p, input_size=None, command=name)
         p.add_argument("--pretrained", required=name == "warmup-conv5", help="checkpoint to start "
                        "from: this project's, an export, or the official S3L/MoCo/BYOL ones")
         add_optim_args(p)
@@ -241,7 +241,7 @@ def add_supervised_parsers(commands) -> None:
                        "epochs and at the end")
         add_device_args(p, save_dir=f"runs/{name}")
         add_run_args(p)
-        p.set_defaults(**STAGE_DEFAULTS[name])
+        p.set_defaults(**{k: v for k, v in STAGE_DEFAULTS[name].items() if k != "input_size"})
 
 
 def add_data_args(p):
@@ -281,8 +281,9 @@ def add_model_args(p, input_size, command):
     p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 conv1 "
                    "and no max-pool, for inputs of 64 px and below")
     p.add_argument("--input-size", type=number(int, 8), default=input_size,
-                   help="resolution in px (S3L pretrains at 112 or 56 and fine-tunes at 224; kNN: "
-                   "the checkpoint's)")
+                   help="resolution in px (S3L pretrains at 112 or 56 and fine-tunes at 224; "
+                   "default: pretrain 112, knn the checkpoint's, the other stages 224, or the "
+                   "checkpoint's on the built-in data)")
 
 
 def add_sync_bn_arg(p):
@@ -472,7 +473,7 @@ def run_log(args, runtime: runs.Runtime, architecture: Architecture, resumed=Non
     config = dict(vars(args), architecture=asdict(architecture), runtime=runtime.reason,
                   world_size=runtime.world_size)
     return runs.RunLog(args.save_dir, config, resumed["epoch"] if resumed else None,
-                       writes=runtime.is_main)
+                       writes=runtime.is_main, stop_diverging=args.command != "pretrain")
 
 
 def open_run(args, runtime, *, architecture: Architecture, model, params, resumed, train_store,
@@ -489,13 +490,16 @@ def open_run(args, runtime, *, architecture: Architecture, model, params, resume
     state = runs.TrainState(model, optimizer, runtime.scaler())
     fields = dict(kind=args.command, config=vars(args), architecture=asdict(architecture),
                   train_files=runs.files_digest(train_store.paths))
+    causes = f"lower --lr (now {args.lr:g}) or --weight-decay (now {args.weight_decay:g}); " \
+        f"--batch-size {args.batch_size}; {runtime.reason.split(':')[0]}" + \
+        (" (fp16 overflows: try --amp bf16 or off)" if "fp16" in runtime.reason else "")
     return runs.Run(runtime, state, run_log(args, runtime, architecture, resumed), resumed,
                     save_dir=args.save_dir, save_every=args.save_every, seed=args.seed,
                     epochs=args.epochs, steps=steps, batch_size=args.batch_size,
                     images=len(train_store), print_freq=args.print_freq, fields=fields,
                     stages=stages,
                     stage=dict(command=args.command, **asdict(architecture), **stage),
-                    results=results)
+                    results=results, causes=causes)
 
 
 def summarize(args, log, runtime, *, architecture: Architecture, stages: list, **results) -> dict:
@@ -623,7 +627,7 @@ def init_from(method, path: str, architecture: Architecture, method_name: str) -
 
 def pretrain(args) -> dict:
     """Self-supervised pretraining, step 1 of the S3L recipe (paper map); returns the summary."""
-    resumed = runs.resume_checkpoint(args.resume, args.command, args.method)
+    resumed = runs.resume_checkpoint(args.resume, args.command, args.method, args.epochs)
     architecture = Architecture(**resumed["architecture"]) if resumed else \
         resolve_architecture(args)
     runtime = runtime_for(args)
@@ -711,8 +715,11 @@ def supervised_setup(args, build_conv5=None):
     network); None builds what the flags and checkpoint say.
     Returns (runtime, backbone, train_store, test_store, net, the checkpoint's earlier stages)."""
     ckpt, state = runs.read_backbone(args.pretrained)
-    ckpt_size = (ckpt or {}).get("architecture", {}).get("input_size")  # kNN: the checkpoint's size
-    architecture = resolve_architecture(args, state, input_size=ckpt_size)
+    ckpt_size = (ckpt or {}).get("architecture", {}).get("input_size")
+    # kNN, and every stage on the built-in data (no --data), at the checkpoint's size by default
+    own_size = args.command == "knn" or args.data is None
+    size = ckpt_size if own_size else STAGE_DEFAULTS[args.command]["input_size"]
+    architecture = resolve_architecture(args, state, input_size=size)
     built = architecture if build_conv5 is None else replace(architecture, conv5=build_conv5)
     runtime = runtime_for(args)
     test_split = args.test_split or data.default_eval_split(args.data)
@@ -785,7 +792,7 @@ def train_classifier(args, runtime, *, architecture: Architecture, net, model, p
     centre views. net: the module checkpointed; model: what runs it (compiled or not); params: what
     SGD trains; frozen_bn: modules kept in eval mode. Reports the final-epoch top-1 and the best
     epoch's, labelled as chosen on the test split (optimistic; the official code reports it)."""
-    resumed = runs.resume_checkpoint(args.resume, args.command)
+    resumed = runs.resume_checkpoint(args.resume, args.command, epochs=args.epochs)
     best = resumed["best"] if resumed else dict(test_top1=None, epoch=None)
     acc = resumed["test_top1"] if resumed else None
     n, bs = len(train_store), args.batch_size
