@@ -171,6 +171,27 @@ def default_eval_split(root: str) -> str:
     return "val"
 
 
+SUBSET_FORMS = "per-class=N, total=N, classes=C,total=N (N >= C) or fraction=F (0 < F <= 1)"
+
+
+def parse_subset(spec: str) -> dict:
+    """--subset's spec as numbers, e.g. "classes=10,total=500" -> {"classes": 10, "total": 500};
+    any other form, or a count below 1, raises ValueError naming --subset and SUBSET_FORMS."""
+    bad = ValueError(f"--subset '{spec}': expected {SUBSET_FORMS}")
+    try:
+        fields = dict(part.split("=", 1) for part in spec.replace(" ", "").split(","))
+        fields = {k: float(v) if k == "fraction" else int(v) for k, v in fields.items()}
+    except ValueError:
+        raise bad from None
+    if set(fields) not in ({"per-class"}, {"total"}, {"classes", "total"}, {"fraction"}):
+        raise bad
+    counts_ok = all(v >= 1 for k, v in fields.items() if k != "fraction")
+    if not counts_ok or not 0 < fields.get("fraction", 1) <= 1 or \
+            fields.get("total", 1) < fields.get("classes", 1):
+        raise bad
+    return fields
+
+
 def subset_indices(labels, spec: str, seed: int) -> list:
     """Small data (S3L): a seeded, deterministic subset of a split, as sorted indices (the official
     ImageNet subsets were unseeded).
@@ -181,18 +202,13 @@ def subset_indices(labels, spec: str, seed: int) -> list:
     fraction=F).
     """
     g = torch.Generator().manual_seed(seed)
-    fields = dict(part.split("=", 1) for part in spec.replace(" ", "").split(",") if "=" in part)
-    if not fields or set(fields) - {"per-class", "total", "classes", "fraction"}:
-        raise ValueError(f"--subset '{spec}': expected per-class=N, total=N, classes=C,total=N or "
-                         "fraction=F")
+    fields = parse_subset(spec)
     n_items = len(labels) if labels is not None else 0
-    fraction = float(fields.get("fraction", 1))
-    if not 0 < fraction <= 1:
-        raise ValueError(f"--subset '{spec}': the fraction must lie in (0, 1]")
+    fraction = fields.get("fraction", 1.0)
     if labels is None and set(fields) == {"fraction"}:
-        fields = {"total": str(max(1, round(fraction * n_items)))}
+        fields = {"total": max(1, round(fraction * n_items))}
     if set(fields) == {"total"}:
-        total = int(fields["total"])
+        total = fields["total"]
         if total > n_items:
             raise ValueError(f"--subset total={total} is larger than the split ({n_items} images)")
         return sorted(torch.randperm(n_items, generator=g)[:total].tolist())
@@ -203,13 +219,13 @@ def subset_indices(labels, spec: str, seed: int) -> list:
         by_class.setdefault(y, []).append(i)
     classes = sorted(by_class)
     if "classes" in fields:
-        n_classes, total = int(fields["classes"]), int(fields.get("total", 0))
-        if n_classes > len(classes) or total <= 0:
-            raise ValueError(f"--subset '{spec}': need 0 < classes <= {len(classes)} and total > 0")
+        n_classes, total = fields["classes"], fields["total"]
+        if n_classes > len(classes):
+            raise ValueError(f"--subset '{spec}': the split has only {len(classes)} classes")
         classes = sorted(classes[i] for i in torch.randperm(len(classes), generator=g)[:n_classes])
         per_class = total // n_classes
     else:
-        per_class = int(fields.get("per-class", 0))
+        per_class = fields.get("per-class", 0)
     chosen = []
     for y in classes:
         members = by_class[y]
@@ -720,5 +736,12 @@ def knn_stores(train_store: ImageStore, root, test_split: str, input_size: int, 
             print(f"kNN monitor off: no labelled '{test_split}' split in {root}")
             return None, None
     if bank.labels is None or queries.labels is None or bank.classes != queries.classes:
-        raise SystemExit("the kNN memory bank and queries need the same labelled class folders")
+        missing = sorted(set(bank.classes) - set(queries.classes))[:10]
+        extra = sorted(set(queries.classes) - set(bank.classes))[:10]
+        what = f"the same labelled class folders (queries lack {missing}, bank lacks {extra})"
+        if knn_train or knn_val:
+            raise SystemExit(f"--knn-train and --knn-val need {what}")
+        print(f"kNN monitor off: the memory bank and the '{test_split}' queries need {what}; "
+              "pretraining itself needs no labels")
+        return None, None
     return bank, queries

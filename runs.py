@@ -3,7 +3,8 @@
 Nothing here is specific to an SSL method; train.py's loops use it so that they can read like the
 paper (S3L, arXiv 2103.13559: every stage of its recipe is one such loop).
 
-  folder       lock_run_folder, unlock_run_folder (one run per folder), check_writable_folder
+  folder       lock_run_folder, unlock_run_folder (one run per folder), claim_run_folder (never
+               mixed with another run's results), check_writable_folder
   checkpoints  save_checkpoint, read_checkpoint (atomic writes, a checksum inside), TrainState
                (the one checkpoint format); backbone_state, checkpoint_backbone, infer_arch,
                load_backbone, export_backbone (a ResNet backbone out of ours, exports and the
@@ -96,6 +97,26 @@ def lock_run_folder(save_dir: str) -> None:
     for name in os.listdir(save_dir):  # temp files of a run killed mid-write
         if name.endswith(".tmp"):
             os.remove(os.path.join(save_dir, name))
+
+
+def claim_run_folder(save_dir: str, resume: bool, start_over: bool) -> None:
+    """A new run never mixes its files with another run's results (checkpoint.pt, summary.json):
+    such a folder is refused, unless the run resumes its checkpoint or start_over (--start-over)
+    moves every file of the old run into save_dir/previous-<time>/ first."""
+    results = [n for n in ("checkpoint.pt", "summary.json")
+               if os.path.exists(os.path.join(save_dir, n))]
+    if resume or not results:
+        return
+    if not start_over:
+        raise SystemExit(f"--save-dir {save_dir} holds another run's results ({', '.join(results)})"
+                         f": continue it with --resume {save_dir}/checkpoint.pt, keep it and pass "
+                         "another --save-dir, or pass --start-over to move its files aside")
+    aside = os.path.join(save_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+    os.makedirs(aside)
+    for name in os.listdir(save_dir):
+        if name != LOCK_NAME and not name.startswith("previous-"):
+            os.replace(os.path.join(save_dir, name), os.path.join(aside, name))
+    print(f"--start-over: the earlier run's files moved to {aside}")
 
 
 def unlock_run_folder(save_dir: str) -> None:
@@ -792,9 +813,13 @@ class Interrupt:
 # ----- resuming: after a finished epoch, or an interrupted one ------------------------------------
 
 # settings that do not change what a run computes; every other flag must match on --resume
-NOT_DEFINING = {"resume", "force_resume", "save_dir", "device", "amp", "tf32", "channels_last",
-                "compile", "print_freq", "save_every", "eval_every", "knn_every", "knn_k", "knn_t",
-                "knn_train", "knn_val", "test_split", "workers", "cache_dir"}
+NOT_DEFINING = {"resume", "force_resume", "start_over", "save_dir", "device", "amp", "tf32",
+                "channels_last", "compile", "print_freq", "save_every", "eval_every", "knn_every",
+                "knn_k", "knn_t", "knn_train", "knn_val", "test_split", "workers", "cache_dir"}
+
+
+# settings that decide the shapes of the weights: a resumed run can never change them
+SHAPE_DEFINING = {"arch", "conv5", "small_stem", "method", "dim", "moco_k", "byol_hidden_dim"}
 
 
 def files_digest(paths) -> str:
@@ -837,6 +862,11 @@ def check_resume(path: str, ckpt: dict, settings: dict, train_files, world_size:
     new = dict(settings, train_files=files_digest(train_files))
     diffs = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in sorted(new)
              if k not in NOT_DEFINING and old.get(k) != new[k]]
+    shaped = [d for d in diffs if d.split()[0] in SHAPE_DEFINING]
+    if shaped:
+        raise SystemExit(f"--resume {path}: this run would build another model than the "
+                         f"checkpoint's ({'; '.join(shaped)}): its weights cannot continue it, "
+                         "not even with --force-resume. Use the checkpoint's settings")
     if diffs and not force:
         raise SystemExit(f"--resume {path}: this run differs from the checkpoint's in "
                          f"{'; '.join(diffs)}. Use the checkpoint's settings, or pass "

@@ -911,6 +911,53 @@ def test_every_numeric_flag_is_checked_at_parse_time(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--subset", "total=-3"], "--subset: expected per-class=N, total=N, classes=C,total=N"),
+    (["--subset", "per-class=0"], "--subset: expected per-class=N"),
+    (["--subset", "per-class=abc"], "--subset: expected per-class=N"),
+    (["--subset", "classes=5,total=2"], "--subset: expected"),
+    (["--subset", "fraction=1.5"], "fraction=F (0 < F <= 1)"),
+    (["--device", "banana"], "--device: expected auto, cpu, cuda or cuda:N, got 'banana'")])
+def test_subset_and_device_are_checked_at_parse_time(argv, message, capsys):
+    """A mistyped --subset or --device stops at the parser with one line naming the flag and the
+    accepted forms; nothing is trained on a silently different subset."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["pretrain", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_workers_are_capped_at_the_cores_with_a_note(capsys):
+    args = train.parse_args(["pretrain", "--workers", "200"])
+    assert args.workers == (os.cpu_count() or 1) and "more than the" in capsys.readouterr().out
+
+
+def test_a_new_run_never_mixes_with_another_runs_results(tmp_path, capsys):
+    """A second run into a folder with a checkpoint is refused and changes nothing; --start-over
+    moves the old run's files into previous-<time>/ and starts anew."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    argv = pretrain_argv(root, tmp_path / "run", "--epochs", "1")
+    train.main(argv)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(SystemExit, match="holds another run's results .*--start-over"):
+        train.main(argv + ["--lr", "0.1"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    train.main(argv + ["--lr", "0.1", "--start-over"])
+    aside = next((tmp_path / "run").glob("previous-*"))
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == before
+    assert json.load(open(tmp_path / "run" / "config.json"))["lr"] == 0.1
+
+
+def test_pretraining_goes_on_without_the_monitor_when_the_test_classes_differ(tmp_path, capsys):
+    """val/ with other classes than train/: pretraining needs no labels, so it trains with the kNN
+    monitor off and a line naming the classes."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    os.makedirs(tmp_path / "data" / "val" / "other")
+    write_image(str(tmp_path / "data" / "val" / "other" / "a.png"), (24, 20), seed=1)
+    train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1", "--knn-every", "0"))
+    out = capsys.readouterr().out
+    assert "kNN monitor off" in out and "'other'" in out and "pretraining itself" in out
+
+
 def test_unusable_paths_are_refused_before_any_decoding(tmp_path):
     """--data that is a file, a --save-dir under a file: one line naming the flag."""
     root = make_folder(tmp_path / "data", classes=2, per_class=8)
@@ -1064,6 +1111,10 @@ def test_resume_refuses_other_settings_other_commands_and_corrupt_files(tmp_path
         train.main(pretrain_argv(root, tmp_path / "b", "--method", "byol", "--resume", ckpt))
     with pytest.raises(SystemExit, match=r"checkpoint of `train.py pretrain --method moco`"):
         train.main(stage_argv("finetune", root, tmp_path, "ft", "--resume", ckpt))
+    with pytest.raises(SystemExit, match=r"another model .*arch 'resnet18' -> 'resnet34'.*not "
+                                         "even with --force-resume"):
+        train.main(pretrain_argv(root, tmp_path / "run", "--arch", "resnet34", "--resume", ckpt,
+                                 "--force-resume"))
     train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "2", "--resume", ckpt,
                              "--force-resume"))
     assert "--force-resume: continuing although epochs 1 -> 2" in capsys.readouterr().out

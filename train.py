@@ -86,7 +86,8 @@ FINETUNE_BN_BATCH = 16  # images: batch 64 by DataParallel on 4 GPUs, BN per GPU
 DEFAULT_JOB = ["pretrain", "--method", "simclr", "--arch", "resnet18", "--input-size", "32",
                "--epochs", "30", "--batch-size", "128", "--lr", "0.3", "--simclr-t", "0.2",
                "--simclr-base-t", "0.2", "--warmup-epochs", "0", "--bn-batch", "128",
-               "--crop-scale", "0.5", "1.0", "--save-dir", "runs/default", "--knn-every", "0"]
+               "--crop-scale", "0.5", "1.0", "--save-dir", "runs/default", "--knn-every", "0",
+               "--start-over"]  # a second `python train.py` moves the first one's files aside
 
 
 # ----- the command line ---------------------------------------------------------------------------
@@ -118,6 +119,26 @@ def number(kind=int, low=None, high=None, open_low=False):
 
 
 POSITIVE = number(float, 0, open_low=True)
+
+
+def subset_spec(text: str) -> str:
+    """An argparse type: a --subset spec in one of data.SUBSET_FORMS, kept as text."""
+    try:
+        data.parse_subset(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return text
+
+
+def device_name(text: str) -> str:
+    """An argparse type: auto, cpu, cuda or cuda:N."""
+    try:
+        ok = text == "auto" or torch.device(text).type in ("cpu", "cuda")
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 class Parser(argparse.ArgumentParser):
@@ -249,8 +270,8 @@ def add_data_args(p):
                    "layout) or a folder of class folders or of images; default: built-in shapes")
     p.add_argument("--train-split", default="train", help="split to train on ('train+val': both)")
     p.add_argument("--test-split", help="split to evaluate on (default: val if present, else test)")
-    p.add_argument("--subset", help="small data, seeded by --seed: per-class=N, total=N, "
-                   "classes=C,total=N or fraction=F of the train split; files listed in "
+    p.add_argument("--subset", type=subset_spec, help="small data, seeded by --seed: per-class=N, "
+                   "total=N, classes=C,total=N or fraction=F of the train split; files listed in "
                    "subset.txt")
     p.add_argument("--store-size", type=number(int, 8), help="shorter side of the decoded images "
                    "in px, trading fidelity for memory (default: pretraining input / sqrt(min "
@@ -261,7 +282,7 @@ def add_data_args(p):
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "s3l"),
                    help="where decoded splits are cached")
     p.add_argument("--workers", type=number(int, 0), default=0, help="decoding processes (0: one "
-                   "per core)")
+                   "per core; at most one per core)")
 
 
 CONV5_HELP = {  # what --no-conv5 means to each command
@@ -311,8 +332,10 @@ def add_knn_args(p):
 def add_device_args(p, save_dir):
     p.add_argument("--save-dir", default=save_dir, help="config.json, log.jsonl, summary.json, "
                    "checkpoints")
+    p.add_argument("--start-over", action="store_true", help="when --save-dir holds another "
+                   "run's results, move them into a previous-<time>/ folder there and start anew")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="autocast dtype. CUDA: auto is bf16 on compute capability >= 8.0 (Ampere "
                    "on), else fp16 with a gradient scaler; off is fp32 (see --tf32). CPU: auto "
@@ -377,6 +400,10 @@ def parse_args(argv) -> argparse.Namespace:
                      f"divide among the {processes} processes: pass a multiple of {processes}")
     if args.command == "finetune" and args.mixup is None:
         settings["mixup"] = args.pretrained is not None
+    cores = os.cpu_count() or 1
+    if getattr(args, "workers", 0) > cores:
+        print(f"note: --workers {args.workers} is more than the {cores} cores: {cores} decode")
+        settings["workers"] = cores
     return argparse.Namespace(**settings)
 
 
@@ -628,8 +655,7 @@ def init_from(method, path: str, architecture: Architecture, method_name: str) -
 def pretrain(args) -> dict:
     """Self-supervised pretraining, step 1 of the S3L recipe (paper map); returns the summary."""
     resumed = runs.resume_checkpoint(args.resume, args.command, args.method, args.epochs)
-    architecture = Architecture(**resumed["architecture"]) if resumed else \
-        resolve_architecture(args)
+    architecture = resolve_architecture(args)  # a resumed run: its config's (runs.check_resume)
     runtime = runtime_for(args)
     train_store = data.load_train_store(args.data, args.train_split, architecture.input_size,
                                         min_crop_scale=args.crop_scale[0],
@@ -977,6 +1003,9 @@ def run_command(args):
     if locks:
         runs.lock_run_folder(args.save_dir)
     try:
+        if locks:
+            runs.claim_run_folder(args.save_dir, bool(getattr(args, "resume", None)),
+                                  args.start_over)
         return COMMANDS[args.command](args)
     except ValueError as e:  # data errors (missing folders, a bad --subset)
         raise SystemExit(f"error: {e}") from None
