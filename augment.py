@@ -314,17 +314,22 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Te
     return (x - mean) / std
 
 
-def finetune_train_params(sizes: torch.Tensor, input_size: int, generator: torch.Generator):
-    """The random part of finetune_train_view for images of sizes (N, 2) = (h, w): crop_boxes,
-    then the flips, as a dict like SSLAugment.sample's."""
-    return dict(sizes=sizes, boxes=crop_boxes(sizes, input_size, generator),
-                flip=uniform(sizes.shape[0], 0, 1, generator) < 0.5)
+def finetune_train_params(sizes: torch.Tensor, input_size: int, generator: torch.Generator,
+                          random_resized_crop: bool = False):
+    """The random part of finetune_train_view for images of sizes (N, 2) = (h, w): crop_boxes
+    (Resize -> RandomCrop), or with random_resized_crop torchvision's RandomResizedCrop (area
+    0.08-1, aspect 3/4-4/3: the official --random-resized-crop and CUB linear script), then the
+    flips, as a dict like SSLAugment.sample's."""
+    boxes = random_resized_crop_boxes(sizes, (0.08, 1.0), (3 / 4, 4 / 3), generator) \
+        if random_resized_crop else crop_boxes(sizes, input_size, generator)
+    return dict(sizes=sizes, boxes=boxes, flip=uniform(sizes.shape[0], 0, 1, generator) < 0.5)
 
 
 def finetune_train_view(x: torch.Tensor, params: dict, input_size: int, mean=IMAGENET_MEAN,
                         std=IMAGENET_STD, dtype=None) -> torch.Tensor:
     """Fine-tuning train transform of the official S3L code: Resize(input_size x 8/7) ->
-    RandomCrop(input_size) anywhere in the resized photo -> horizontal flip -> normalise.
+    RandomCrop(input_size) anywhere in the resized photo (or RandomResizedCrop) -> horizontal
+    flip -> normalise.
 
     x: (N, 3, L, L) uint8 or float in [0, 1]; params: finetune_train_params of their sizes;
     dtype: crop_resize's.

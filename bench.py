@@ -319,7 +319,7 @@ def print_table(rows) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=train.HelpFormatter)
+                                formatter_class=runs.HelpFormatter)
     p.add_argument("--arch", choices=sorted(models.ARCHS), default="resnet18")
     p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 conv1, no max-pool")
     p.add_argument("--input-size", type=int, default=64, help="training resolution in px")

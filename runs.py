@@ -24,6 +24,7 @@ paper (S3L, arXiv 2103.13559: every stage of its recipe is one such loop).
   a loop       Run: the bookkeeping of every training loop of train.py behind a handful of calls
                (epochs, steps, batch, step_done, epoch_record, save_epoch)
 """
+import argparse
 import contextlib
 import hashlib
 import json
@@ -45,6 +46,87 @@ import augment
 import models
 
 LOCK_NAME = ".lock"
+
+
+# ----- the command line's value types (argparse), shared by train.py and study.py --------------
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows `(default: X)` from the parser itself (never typed by hand), except for None."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def number(kind=int, low=None, high=None, open_low=False):
+    """An argparse type: a number of `kind` in [low, high] ((low, high] with open_low); a value
+    outside gets an error naming the flag and the allowed range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        too_low = low is not None and (value <= low if open_low else value < low)
+        if too_low or (high is not None and value > high) or not math.isfinite(value):
+            bounds = f"{'(' if open_low else '['}{low}, {high}]" if high is not None else \
+                f"{'>' if open_low else '>='} {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE = number(float, 0, open_low=True)
+
+
+def device_name(text: str) -> str:
+    """An argparse type: auto, cpu, cuda or cuda:N."""
+    try:
+        ok = text == "auto" or torch.device(text).type in ("cpu", "cuda")
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser that also keeps the set of its flags, for stage_flags."""
+
+    def __init__(self, *args, **kwargs):
+        self.flags = set()  # before argparse's __init__, which adds -h
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        self.flags.update(name for name in names if name.startswith("-"))
+        return super().add_argument(*names, **kwargs)
+
+
+def check_process_flags(parser, args) -> None:
+    """train.py's flags about several processes, checked before any work (parser.error)."""
+    sync_bn = getattr(args, "sync_bn", False)
+    if (sync_bn or getattr(args, "simclr_local_negatives", False)) and world_size() == 1:
+        flag = "--sync-bn" if sync_bn else "--simclr-local-negatives"
+        parser.error(f"{flag} is for several processes (torchrun); one process has BN groups of "
+                     "--bn-batch images (0: the whole batch) and the whole batch as negatives")
+    if sync_bn and (getattr(args, "bn_batch", None) or getattr(args, "method", None) == "byol"):
+        parser.error("--sync-bn makes one BN group of the whole batch: drop --bn-batch (BYOL, "
+                     "whose BN is per view: use --bn-batch instead of --sync-bn)")
+
+
+def check_paths(args) -> None:
+    """train.py's paths, checked before any decoding: each error names the flag and what to do."""
+    for flag in ("data", "knn_train", "knn_val"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isdir(path):
+            what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+            raise SystemExit(f"--{flag.replace('_', '-')} {path} {what}: pass a folder of images")
+    for flag in ("resume", "init_from", "pretrained"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isfile(path):
+            raise SystemExit(f"--{flag.replace('_', '-')} {path}: no such checkpoint file")
+    if hasattr(args, "cache_dir"):
+        check_writable_folder(args.cache_dir, "--cache-dir")
 
 
 # ----- the run folder: one run at a time ----------------------------------------------------------
@@ -819,7 +901,8 @@ NOT_DEFINING = {"resume", "force_resume", "start_over", "save_dir", "device", "a
 
 
 # settings that decide the shapes of the weights: a resumed run can never change them
-SHAPE_DEFINING = {"arch", "conv5", "small_stem", "method", "dim", "moco_k", "byol_hidden_dim"}
+SHAPE_DEFINING = {"arch", "conv5", "small_stem", "method", "dim", "head", "moco_k",
+                  "byol_hidden_dim"}
 
 
 def files_digest(paths) -> str:

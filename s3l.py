@@ -9,7 +9,7 @@ arXiv 2002.05709); MoCo (He et al. 2020, arXiv 1911.05722) and MoCo v2 (Chen et 
   losses   nt_xent (nt_xent_gathered: several processes), info_nce, byol_loss,
            momentum_update_  (fp32 even under autocast)
   ranks    rank_and_world_size, concat_all_gather, gather_with_grad  (no-ops in one process)
-  heads    mlp, SplitBatchNorm, group_views, ungroup_views, split_batchnorm_
+  heads    mlp, mlp_bn, HEADS, SplitBatchNorm, group_views, ungroup_views, split_batchnorm_
   methods  SimCLR, MoCo, BYOL, METHODS  (each forward(view1, view2) -> loss: one loop trains
            all)
   eval     knn_top1
@@ -175,6 +175,22 @@ def mlp(dims, batchnorm: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def mlp_bn(dims) -> nn.Sequential:
+    """SimCLR's own projection head (Chen et al. 2020, its code; MoCo v3; lightly's SimCLR head):
+    Linear without bias -> BN after every layer, ReLU between, e.g. mlp_bn([512, 512, 128]) =
+    Linear(512, 512)-BN-ReLU-Linear(512, 128)-BN. The BN makes the head learn faster in short runs
+    (README: the head tables)."""
+    layers = []
+    for i in range(len(dims) - 1):
+        layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1])]
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+HEADS = {"mlp": mlp, "mlp-bn": mlp_bn}  # mlp: the official S3L / MoCo v2 --mlp head, the default
+
+
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm with training statistics per chunk of the batch (per-GPU BN of the official code).
 
@@ -240,20 +256,23 @@ def split_batchnorm_(module: nn.Module, num_splits: int) -> nn.Module:
 class SimCLR(nn.Module):
     """SimCLR (Chen et al. 2020, Sec. 2.1): one encoder + MLP head, NT-Xent over both views.
 
-    encoder: a ResNet whose `fc` becomes the head Linear(d, d)-ReLU-Linear(d, dim), as the official
-    --mlp head. forward(view1, view2): (N, 3, H, W) each -> scalar loss; both views go through one
-    pass, as the official code concatenates them. Deviations from the official code: negatives
-    come from the whole batch (2N - 2), not per GPU, and are gathered from every process when there
-    are several (gather_negatives=False keeps the official per-GPU negatives there); the loss is
-    scaled by temperature / base_temperature as its SupCon implementation does (x1.43 at T = 0.1;
-    base_temperature = temperature disables it).
+    encoder: a ResNet whose `fc` becomes the head: "mlp" Linear(d, d)-ReLU-Linear(d, dim), the
+    official S3L --mlp head, or "mlp-bn" (mlp_bn), SimCLR's own. forward(view1, view2): (N, 3, H, W)
+    each -> scalar loss; both views go through one pass, as the official code concatenates them.
+    Deviations from the official code: negatives come from the whole batch (2N - 2), not per GPU,
+    and are gathered from every process when there are several (gather_negatives=False keeps the
+    official per-GPU negatives there). The loss is multiplied by c = temperature / base_temperature
+    as its SupCon implementation does (x1.43 at T = 0.1; base_temperature = temperature disables
+    it): under SGD with weight decay wd that is the lr times c with the weight decay wd / c, not an
+    lr scale alone.
     """
 
     def __init__(self, encoder: nn.Module, dim: int = 128, temperature: float = 0.1,
-                 base_temperature: float = 0.07, bn_splits: int = 1, gather_negatives: bool = True):
+                 base_temperature: float = 0.07, bn_splits: int = 1, gather_negatives: bool = True,
+                 head: str = "mlp"):
         super().__init__()
         d = encoder.feature_dim
-        encoder.fc = mlp([d, d, dim])
+        encoder.fc = HEADS[head]([d, d, dim])
         self.encoder = split_batchnorm_(encoder, bn_splits)
         self.temperature, self.base_temperature = temperature, base_temperature
         self.bn_splits, self.gather_negatives = bn_splits, gather_negatives
@@ -282,19 +301,21 @@ class SimCLR(nn.Module):
 class MoCo(nn.Module):
     """MoCo v2 (He et al. 2020, Algorithm 1; Chen et al. 2020b): momentum key encoder and queue.
 
-    encoder: a ResNet whose `fc` becomes the MLP head Linear(d, d)-ReLU-Linear(d, dim); encoder_k is
-    its EMA copy. queue: (dim, moco_k) normalised keys, a FIFO ring. forward(view1, view2): (N, 3,
-    H, W) each -> scalar loss, with view1 as queries and view2 as keys. bn_splits > 1 emulates
+    encoder: a ResNet whose `fc` becomes the head (HEADS: "mlp" Linear(d, d)-ReLU-Linear(d, dim),
+    the MoCo v2 head, or "mlp-bn", MoCo v3's); encoder_k is its EMA copy. queue: (dim, moco_k)
+    normalised keys, a FIFO ring. forward(view1, view2): (N, 3, H, W) each -> scalar loss, with
+    view1 as queries and view2 as keys. bn_splits > 1 emulates
     per-GPU shuffle-BN on one device. With several processes, shuffle-BN spans every rank and the
     keys of all ranks are enqueued (official _batch_shuffle_ddp, concat_all_gather), so every
     queue is the same; encoder_k needs no communication: DDP keeps encoder_q, hence its EMA, equal.
     """
 
     def __init__(self, encoder: nn.Module, dim: int = 128, moco_k: int = 4096,
-                 moco_m: float = 0.999, moco_t: float = 0.2, bn_splits: int = 1):
+                 moco_m: float = 0.999, moco_t: float = 0.2, bn_splits: int = 1,
+                 head: str = "mlp"):
         super().__init__()
         d = encoder.feature_dim
-        encoder.fc = mlp([d, d, dim])
+        encoder.fc = HEADS[head]([d, d, dim])
         self.encoder_q = split_batchnorm_(encoder, bn_splits)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.moco_m, self.moco_t, self.bn_splits = moco_m, moco_t, bn_splits

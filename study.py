@@ -513,7 +513,7 @@ def draw_plots(folder: str, rows: list, records: list, evals: list) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="study.py", formatter_class=train.HelpFormatter,
+        prog="study.py", formatter_class=runs.HelpFormatter,
         allow_abbrev=False,  # --seed or --subset must not pass for --seeds or --subsets
         description="The paper's comparisons in one command: each arm of each grid is a chain of "
         "train.py commands (pretraining, the conv5 warm-up for the small architecture, the "
@@ -525,26 +525,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="resolution", help=f"comma-separated: {', '.join(GRIDS)}")
     p.add_argument("--arms", help="comma-separated arm names to run (default: all of the grids)")
     p.add_argument("--eval", default="finetune", help=f"comma-separated: {', '.join(EVALS)}")
-    p.add_argument("--seeds", type=train.number(int, 1), default=1, help="runs of each arm "
+    p.add_argument("--seeds", type=runs.number(int, 1), default=1, help="runs of each arm "
                    "(seeds 0..N-1): mean ± std")
-    p.add_argument("--full-size", type=train.number(int, 8), default=224, help="'full' resolution "
+    p.add_argument("--full-size", type=runs.number(int, 8), default=224, help="'full' resolution "
                    "in px: the paper's 224; the size of every evaluation")
-    p.add_argument("--small-size", type=train.number(int, 8), help="pretraining size of the "
+    p.add_argument("--small-size", type=runs.number(int, 8), help="pretraining size of the "
                    "architecture, data and method grids (default: full / 2, the paper's 112)")
     p.add_argument("--method", choices=sorted(train.METHOD_DEFAULTS), default="moco",
                    help="pretraining method outside the method grid (MoCo v2: the paper's main "
                    "one)")
-    p.add_argument("--epochs", type=train.number(int, 1), help="pretraining epochs of every arm "
+    p.add_argument("--epochs", type=runs.number(int, 1), help="pretraining epochs of every arm "
                    "(default: the method's)")
-    p.add_argument("--stage2-epochs", type=train.number(int, 1), help="epochs at full size after "
+    p.add_argument("--stage2-epochs", type=runs.number(int, 1), help="epochs at full size after "
                    "the half-size stage of the multi-stage arm (default: epochs / 4, the paper's "
                    "200 + 50)")
-    p.add_argument("--eval-epochs", type=train.number(int, 1), help="epochs of fine-tuning and of "
+    p.add_argument("--eval-epochs", type=runs.number(int, 1), help="epochs of fine-tuning and of "
                    "the linear probe (default: theirs, 120 and 30)")
     p.add_argument("--subsets", default="50%,25%", help="data grid: the seeded subsets of the "
                    "train split, comma-separated: P%% (a fraction of every class), or train.py "
                    "--subset specs (per-class=N, total=N, classes=C+total=N)")
-    p.add_argument("--budget-pflops", type=train.number(float, 0, open_low=True), help="equal "
+    p.add_argument("--budget-pflops", type=runs.number(float, 0, open_low=True), help="equal "
                    "compute instead of equal epochs: each arm's pretraining epochs are set so it "
                    "costs about this many PFLOPs")
     p.add_argument("--launcher", default=sys.executable, help="how each command starts, e.g. "

@@ -286,6 +286,33 @@ def test_every_method_returns_a_finite_loss_that_trains_the_backbone(method):
     assert not torch.equal(before, model.backbone.conv1.weight)
 
 
+def test_the_simclr_bn_head_is_linear_bn_relu_linear_bn_without_biases_in_bn_groups():
+    """--head mlp-bn: exactly Linear(bias=False)-BN-ReLU-Linear(bias=False)-BN, the BN layers split
+    into --bn-batch groups like every other BN; the default stays the official head (biases, no
+    BN)."""
+    args = train.parse_args(["pretrain", "--method", "simclr", "--head", "mlp-bn", "--arch",
+                             "resnet18", "--batch-size", "64", "--bn-batch", "16"])
+    fc = train.build_method(args, models.resnet18()).encoder.fc
+    assert [type(m).__name__ for m in fc] == ["Linear", "SplitBatchNorm", "ReLU", "Linear",
+                                              "SplitBatchNorm"]
+    assert fc[0].bias is None and fc[3].bias is None and fc[0].in_features == 512
+    assert fc[1].num_splits == fc[4].num_splits == 4 and fc[4].num_features == 128
+    default = train.parse_args(["pretrain", "--method", "simclr", "--arch", "resnet18"])
+    assert default.head == "mlp"
+    fc = train.build_method(default, models.resnet18()).encoder.fc
+    assert [type(m).__name__ for m in fc] == ["Linear", "ReLU", "Linear"]
+    assert fc[0].bias is not None and fc[2].bias is not None
+    moco = train.build_method(train.parse_args(["pretrain", "--head", "mlp-bn", "--arch",
+                                                "resnet18"]), models.resnet18())
+    assert type(moco.encoder_k.fc[4]).__name__ == "SplitBatchNorm"
+
+
+def test_byol_refuses_the_head_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["pretrain", "--method", "byol", "--head", "mlp-bn"])
+    assert "--head is for moco and simclr" in capsys.readouterr().err
+
+
 # ----- s3l.py: several processes (torch.distributed) ----------------------------------------------
 
 def test_without_a_process_group_the_distributed_pieces_are_no_ops():
@@ -1471,6 +1498,20 @@ def stage_argv(command, root, tmp, save, *extra):
     return [command, "--data", root, "--input-size", "16", "--epochs", "1", "--batch-size", "8",
             "--cache-dir", str(tmp / "cache"), "--save-dir", str(tmp / save), "--print-freq", "1",
             *extra]
+
+
+def test_the_linear_probe_trains_on_random_resized_crops_and_fine_tuning_on_resize_crop():
+    """The official CUB linear script: RandomResizedCrop (area 0.08-1) + flip; fine-tuning:
+    Resize -> RandomCrop + flip, whose crops all have the input's size at the resized scale."""
+    assert train.parse_args(["linear", "--data", "x"]).random_resized_crop is True
+    assert train.parse_args(["linear"]).random_resized_crop is False  # the built-in 32 px shapes
+    assert train.parse_args(["finetune", "--data", "x"]).random_resized_crop is False
+    sizes = torch.tensor([[64, 80]] * 2000)
+    rrc = augment.finetune_train_params(sizes, 32, gen(0), random_resized_crop=True)["boxes"]
+    fixed = augment.finetune_train_params(sizes, 32, gen(0))["boxes"]
+    area = lambda boxes: (boxes[:, 2] * boxes[:, 3]) / (64 * 80)  # noqa: E731
+    assert area(rrc).min() < 0.1 and area(rrc).max() > 0.9
+    assert area(fixed).std() < 1e-6
 
 
 def test_warmup_trains_only_conv5_and_fc(pretrained_run):

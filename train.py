@@ -32,6 +32,7 @@ import data
 import models
 import runs
 import s3l
+from runs import POSITIVE, HelpFormatter, Parser, device_name, number
 
 # ----- defaults -----------------------------------------------------------------------------------
 
@@ -64,15 +65,18 @@ WARMUP_MIN_BATCH = 256  # images: the official code warms up only when the batch
 STAGE_DEFAULTS = {
     "finetune": dict(epochs=120, batch_size=64,  # the S3L recipe on CUB (main_train_mixup.sh)
                      lr=0.1, weight_decay=5e-4,  # for batch 64
+                     random_resized_crop=False,  # Resize(256) -> RandomCrop(224) + flip
                      lr_steps=None,  # cosine per iteration, no warm-up
                      input_size=224),  # px: fine-tuning is at full resolution
     "warmup-conv5": dict(epochs=10, batch_size=64,  # main_freeze.py: conv5 + fc, 10 epochs
                          lr=0.1, weight_decay=5e-4,  # for batch 64
+                         random_resized_crop=False,  # as fine-tuning
                          lr_steps=[60, 80],  # past its 10 epochs: lr stays 0.1, as the script
                          mixup=False,  # the official warm-up trains without mixup
                          input_size=224),  # px: the parser default, whatever the pretraining size
     "linear": dict(epochs=30, batch_size=64,  # the official CUB linear script
                    lr=10.0, weight_decay=5e-4,  # lr 10 on unnormalised features (MoCo lincls: 30)
+                   random_resized_crop=True,  # RRC(224) + flip, as that script (with --data)
                    lr_steps=[10, 20],  # x0.1 at epochs 10 and 20
                    input_size=224),  # px
 }
@@ -92,35 +96,6 @@ DEFAULT_JOB = ["pretrain", "--method", "simclr", "--arch", "resnet18", "--input-
 
 # ----- the command line ---------------------------------------------------------------------------
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows `(default: X)` from the parser itself (never typed by hand), except for None."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def number(kind=int, low=None, high=None, open_low=False):
-    """An argparse type: a number of `kind` in [low, high] ((low, high] with open_low); a value
-    outside gets an error naming the flag and the allowed range."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            expected = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        too_low = low is not None and (value <= low if open_low else value < low)
-        if too_low or (high is not None and value > high) or not math.isfinite(value):
-            bounds = f"{'(' if open_low else '['}{low}, {high}]" if high is not None else \
-                f"{'>' if open_low else '>='} {low}"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in some messages
-    return parse
-
-
-POSITIVE = number(float, 0, open_low=True)
-
-
 def subset_spec(text: str) -> str:
     """An argparse type: a --subset spec in one of data.SUBSET_FORMS, kept as text."""
     try:
@@ -128,29 +103,6 @@ def subset_spec(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
     return text
-
-
-def device_name(text: str) -> str:
-    """An argparse type: auto, cpu, cuda or cuda:N."""
-    try:
-        ok = text == "auto" or torch.device(text).type in ("cpu", "cuda")
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-    return text
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse's parser that also keeps the set of its flags, for stage_flags."""
-
-    def __init__(self, *args, **kwargs):
-        self.flags = set()  # before argparse's __init__, which adds -h
-        super().__init__(*args, **kwargs)
-
-    def add_argument(self, *names, **kwargs):
-        self.flags.update(name for name in names if name.startswith("-"))
-        return super().add_argument(*names, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +141,11 @@ def add_pretrain_parser(commands) -> None:
     # method: a flag left unset takes its method's value in METHOD_DEFAULTS
     p.add_argument("--method", choices=sorted(s3l.METHODS), default="moco")
     p.add_argument("--dim", type=number(int, 1), default=128, help="projection output dimension")
+    p.add_argument("--head", choices=sorted(s3l.HEADS), help="MoCo v2 and SimCLR projection "
+                   "head: mlp, Linear-ReLU-Linear (the official S3L and MoCo v2 --mlp head, the "
+                   "default); mlp-bn, Linear-BN-ReLU-Linear-BN without biases (SimCLR's own and "
+                   "MoCo v3's: faster in short runs, README's head tables). BYOL's projector has "
+                   "its own BN")
     p.add_argument("--moco-k", type=number(int, 1), help="MoCo queue length K (official CUB "
                    "script: 4096)")
     p.add_argument("--moco-m", type=number(float, 0, 1), help="MoCo key-encoder momentum")
@@ -241,6 +198,11 @@ def add_supervised_parsers(commands) -> None:
         add_optim_args(p)
         p.add_argument("--lr-steps", type=number(int, 0), nargs="*", help="epochs at which lr "
                        "x0.1; none: cosine per iteration")
+        p.add_argument("--random-resized-crop", action=argparse.BooleanOptionalAction,
+                       help="train views by RandomResizedCrop (area 0.08-1) + flip, as the "
+                       "official --random-resized-crop and CUB linear script; --no-...: Resize "
+                       "(input x 8/7) -> RandomCrop + flip, the official fine-tuning (default: "
+                       "on for linear with --data, else off)")
         if name == "linear":
             p.add_argument("--cached-features", action="store_true", help="train on centre-crop "
                            "features computed once (fast), not the official protocol's random "
@@ -262,7 +224,8 @@ def add_supervised_parsers(commands) -> None:
                        "epochs and at the end")
         add_device_args(p, save_dir=f"runs/{name}")
         add_run_args(p)
-        p.set_defaults(**{k: v for k, v in STAGE_DEFAULTS[name].items() if k != "input_size"})
+        p.set_defaults(**{k: v for k, v in STAGE_DEFAULTS[name].items()
+                          if k not in ("input_size", "random_resized_crop")})  # parse_args
 
 
 def add_data_args(p):
@@ -359,18 +322,6 @@ def add_run_args(p):
                    "read-back) every N steps")
 
 
-def check_process_flags(parser, args) -> None:
-    """The flags about several processes, checked before any work."""
-    sync_bn = getattr(args, "sync_bn", False)
-    if (sync_bn or getattr(args, "simclr_local_negatives", False)) and runs.world_size() == 1:
-        flag = "--sync-bn" if sync_bn else "--simclr-local-negatives"
-        parser.error(f"{flag} is for several processes (torchrun); one process has BN groups of "
-                     "--bn-batch images (0: the whole batch) and the whole batch as negatives")
-    if sync_bn and (getattr(args, "bn_batch", None) or getattr(args, "method", None) == "byol"):
-        parser.error("--sync-bn makes one BN group of the whole batch: drop --bn-batch (BYOL, "
-                     "whose BN is per view: use --bn-batch instead of --sync-bn)")
-
-
 def parse_args(argv) -> argparse.Namespace:
     """Parse argv and resolve, once, every default that depends on other flags: a pretraining flag
     left unset takes its method's value (METHOD_DEFAULTS); SimCLR warms up only above a batch of
@@ -382,8 +333,13 @@ def parse_args(argv) -> argparse.Namespace:
     if getattr(args, "crop_scale", [0, 0])[0] > getattr(args, "crop_scale", [0, 0])[1]:
         parser.error(f"--crop-scale {args.crop_scale[0]} {args.crop_scale[1]}: the smaller area "
                      "fraction comes first")
-    check_process_flags(parser, args)
+    runs.check_process_flags(parser, args)
     settings, processes = dict(vars(args)), runs.world_size()
+    if args.command == "pretrain" and args.method == "byol" and args.head:
+        parser.error("--head is for moco and simclr: BYOL's projector and predictor have BN "
+                     "by design (--byol-hidden-dim sets their width)")
+    if args.command == "pretrain" and args.method != "byol":
+        settings["head"] = args.head or "mlp"
     if args.command == "pretrain":
         paper = METHOD_DEFAULTS[args.method]
         settings.update({k: v for k, v in paper.items() if settings[k] is None})
@@ -400,6 +356,9 @@ def parse_args(argv) -> argparse.Namespace:
                      f"divide among the {processes} processes: pass a multiple of {processes}")
     if args.command == "finetune" and args.mixup is None:
         settings["mixup"] = args.pretrained is not None
+    if getattr(args, "random_resized_crop", False) is None:  # not on the built-in 32 px shapes
+        settings["random_resized_crop"] = STAGE_DEFAULTS[args.command]["random_resized_crop"] \
+            and args.data is not None  # measured there: 42.6 % vs 60.2 % (README)
     cores = os.cpu_count() or 1
     if getattr(args, "workers", 0) > cores:
         print(f"note: --workers {args.workers} is more than the {cores} cores: {cores} decode")
@@ -617,11 +576,11 @@ def build_method(args, encoder, processes: int = 1) -> torch.nn.Module:
     bn_splits = args.batch_size // processes // args.bn_batch if args.bn_batch else 1
     if args.method == "moco":
         return s3l.MoCo(encoder, dim=args.dim, moco_k=args.moco_k, moco_m=args.moco_m,
-                        moco_t=args.moco_t, bn_splits=bn_splits)
+                        moco_t=args.moco_t, bn_splits=bn_splits, head=args.head)
     if args.method == "simclr":
         return s3l.SimCLR(encoder, dim=args.dim, temperature=args.simclr_t,
                           base_temperature=args.simclr_base_t, bn_splits=bn_splits,
-                          gather_negatives=not args.simclr_local_negatives)
+                          gather_negatives=not args.simclr_local_negatives, head=args.head)
     return s3l.BYOL(encoder, dim=args.dim, hidden_dim=args.byol_hidden_dim, tau=args.byol_tau,
                     bn_splits=bn_splits)
 
@@ -813,11 +772,12 @@ def linear(args) -> dict:
 def train_classifier(args, runtime, *, architecture: Architecture, net, model, params, train_store,
                      test_store, stages: list, frozen_bn: list, mixup_alpha) -> dict:
     """The supervised loop of finetune, warmup-conv5 and the official linear probe: per step, the
-    official train view of a batch (Resize -> RandomCrop + flip), cross-entropy (mixup: one lambda
-    a batch, pairs within a process's share), SGD (supervised_step); per epoch, test top-1 of
-    centre views. net: the module checkpointed; model: what runs it (compiled or not); params: what
-    SGD trains; frozen_bn: modules kept in eval mode. Reports the final-epoch top-1 and the best
-    epoch's, labelled as chosen on the test split (optimistic; the official code reports it)."""
+    official train view of a batch (Resize -> RandomCrop, or RandomResizedCrop, + flip), cross-
+    entropy (mixup: one lambda a batch, pairs within a process's share), SGD (supervised_step);
+    per epoch, test top-1 of centre views. net: the module checkpointed; model: what runs it
+    (compiled or not); params: what SGD trains; frozen_bn: modules kept in eval mode. Reports the
+    final-epoch top-1 and the best epoch's, labelled as chosen on the test split (optimistic; the
+    official code reports it)."""
     resumed = runs.resume_checkpoint(args.resume, args.command, epochs=args.epochs)
     best = resumed["best"] if resumed else dict(test_top1=None, epoch=None)
     acc = resumed["test_top1"] if resumed else None
@@ -839,7 +799,7 @@ def train_classifier(args, runtime, *, architecture: Architecture, net, model, p
                 lr = s3l.lr_at(epoch + step / steps, args.epochs, args.lr, steps=args.lr_steps)
                 s3l.set_lr(run.state.optimizer, lr)
                 x, y = classifier_batch(train_store, run.batch(step), run.generator, runtime,
-                                        input_size=architecture.input_size)
+                                        architecture.input_size, args.random_resized_crop)
                 loss = supervised_step(trained, run.state, runtime, x, y, mixup_alpha)
                 run.step_done(step, loss, lr)
             record = run.epoch_record()
@@ -853,14 +813,15 @@ def train_classifier(args, runtime, *, architecture: Architecture, net, model, p
 
 
 def classifier_batch(train_store: data.ImageStore, idx: torch.Tensor, generator, runtime,
-                     input_size: int):
+                     input_size: int, random_resized_crop: bool = False):
     """This process's share of the supervised batch `idx` (of all processes) as the official train
     transform makes it (Resize -> RandomCrop + flip; paper map: fine-tuning), and its labels.
     The crops of the whole batch are drawn, as in train_ssl: the same views for any number of
     processes. Returns (x (n, 3, input_size, input_size) as the model wants it, y (n,))."""
     mine = runtime.share(idx)
     images, _ = train_store.batch(mine, runtime.device)
-    crops = augment.finetune_train_params(train_store.sizes[idx], input_size, generator)
+    crops = augment.finetune_train_params(train_store.sizes[idx], input_size, generator,
+                                          random_resized_crop)
     x = augment.finetune_train_view(images, runtime.share(crops), input_size,
                                     dtype=runtime.resample_dtype)
     return runtime.prepare(x), train_store.labels[mine]
@@ -980,25 +941,10 @@ COMMANDS = {"pretrain": pretrain, "finetune": finetune, "warmup-conv5": finetune
             "knn": knn, "export": lambda args: runs.export_backbone(args.checkpoint, args.out)}
 
 
-def check_paths(args) -> None:
-    """Paths checked before any decoding: each error names the flag and what to do."""
-    for flag in ("data", "knn_train", "knn_val"):
-        path = getattr(args, flag, None)
-        if path is not None and not os.path.isdir(path):
-            what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-            raise SystemExit(f"--{flag.replace('_', '-')} {path} {what}: pass a folder of images")
-    for flag in ("resume", "init_from", "pretrained"):
-        path = getattr(args, flag, None)
-        if path is not None and not os.path.isfile(path):
-            raise SystemExit(f"--{flag.replace('_', '-')} {path}: no such checkpoint file")
-    if hasattr(args, "cache_dir"):
-        runs.check_writable_folder(args.cache_dir, "--cache-dir")
-
-
 def run_command(args):
     """One command in its own locked --save-dir (rank 0 holds the lock under torchrun: the folder
     is its alone); data errors become one line, not a trace."""
-    check_paths(args)
+    runs.check_paths(args)
     locks = args.command != "export" and (runs.torchrun_ranks() or (0,))[0] == 0
     if locks:
         runs.lock_run_folder(args.save_dir)
