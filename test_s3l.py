@@ -307,6 +307,41 @@ def test_the_simclr_bn_head_is_linear_bn_relu_linear_bn_without_biases_in_bn_gro
     assert type(moco.encoder_k.fc[4]).__name__ == "SplitBatchNorm"
 
 
+@pytest.mark.parametrize("method", ["moco", "simclr", "byol"])
+def test_the_pretraining_step_reads_nothing_back_from_the_device(method, monkeypatch):
+    """Two views and one step (train.pretrain_views, train.pretrain_step) of every method call no
+    .item(), .cpu(), .tolist(), .numpy(), bool(), float() or int() on a tensor: on a GPU the host
+    never waits between steps (the meter reads the loss back every --print-freq steps only). On
+    CUDA, torch's sync debug mode checks the same at the kernel level."""
+    args = train.parse_args(["pretrain", "--method", method, "--arch", "resnet18", "--batch-size",
+                             "8", "--moco-k", "16", "--bn-batch", "4", "--byol-hidden-dim", "32"])
+    runtime = runs.setup_device("cuda" if torch.cuda.is_available() else "cpu", "auto", True)
+    torch.manual_seed(0)
+    model = runtime.place(train.build_method(args, models.resnet18()))
+    optimizer = runtime.sgd([p for p in model.parameters() if p.requires_grad], 0.1, 0.9, 1e-4)
+    state = runs.TrainState(model, optimizer, runtime.scaler())
+    store = data.synthetic_store(16, 20, 0).to(runtime.device, 1 << 30)
+    augmenter, g = augment.SSLAugment(16), torch.Generator(runtime.device).manual_seed(0)
+    idx = torch.arange(8, device=runtime.device)
+    train.pretrain_step(model, state, runtime, *train.pretrain_views(store, idx, augmenter, g,
+                                                                      runtime))  # warm-up
+    calls = []
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _f=original, **k: (
+            calls.append(_n), _f(self, *a, **k))[1])
+    if runtime.device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            views = train.pretrain_views(store, idx, augmenter, g, runtime)
+            train.pretrain_step(model, state, runtime, *views)
+    finally:
+        if runtime.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert calls == [], calls
+
+
 def test_byol_refuses_the_head_flag(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["pretrain", "--method", "byol", "--head", "mlp-bn"])
