@@ -12,7 +12,9 @@ that our loop keeps that saving. Rows, each for the same model, batch and resolu
                 process), and what one conventional worker does per image (JPEG decode + two PIL
                 views)
 Columns: images/s (one image = its two views), ratio to the floor, ratio to the conventional
-pipeline.
+pipeline. After each method's s3l row, a line says how close the step is to the hardware: TFLOP/s
+(2 x MACs x passes per image), as a share of the bf16 matmul rate measured in the same run, and the
+kernel launches (aten ops on a CPU) and batch_norm calls per step.
 
   python bench.py                     ResNet-18, 64 px, batch 128, MoCo/SimCLR/BYOL
   python bench.py --data data/flowers102 --photo-size 500 375 --input-size 32
@@ -135,7 +137,8 @@ def make_method(args, name, runtime):
                               str(bs), "--moco-k", str(max(bs, moco_k // bs * bs))])
     torch.manual_seed(0)
     backbone = models.ARCHS[args.arch](small_stem=args.small_stem)
-    method = runtime.place(train.build_method(flags, backbone))
+    fold = runtime.fold_bn if args.fold_bn is None else args.fold_bn
+    method = runtime.place(s3l.fold_split_batchnorm_(train.build_method(flags, backbone), fold))
     optimizer = runtime.sgd(method.parameters(), flags.lr, flags.momentum, flags.weight_decay)
     state = runs.TrainState(method, optimizer, runtime.scaler())
     model = torch.compile(method) if args.compile else method
@@ -256,6 +259,7 @@ def method_rows(args, rows: list, name: str, paths: list, our_views, runtime) ->
     measured(rows, name, "floor", floor)
     ours = timed(lambda: step(*our_views()), args.warmup, args.steps, bs, dev)
     measured(rows, name, "s3l", ours)
+    hardware_line(args, name, method, ours, lambda: step(*our_views()), runtime)
     loader = torch.utils.data.DataLoader(JpegTwoViews(paths, args.input_size), batch_size=bs,
                                          shuffle=True, num_workers=args.workers, drop_last=True,
                                          persistent_workers=args.workers > 0,
@@ -283,6 +287,55 @@ def conventional_step(loader, step, runtime):
         v1, v2 = next(batches)
         step(*(runtime.prepare(v.to(runtime.device, non_blocking=True)) for v in (v1, v2)))
     return conventional
+
+
+def matmul_tflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """The device's bf16 matmul rate, measured now: TFLOP/s of (n, n) @ (n, n), 2 n^3 FLOPs."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def launches_per_step(step, runtime) -> tuple:
+    """(launches, normalisations) of one step by torch.profiler: device kernels on CUDA, aten ops
+    on CPU; normalisations: the native batch_norm calls among them (each encoder pass runs one per
+    BN layer when folded, one per BN group and layer when chunked)."""
+    cuda = runtime.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + \
+        ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync(runtime.device)
+    events = prof.events()
+    if cuda:
+        launches = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+    else:
+        launches = sum(e.name.startswith("aten::") for e in events)
+    norms = sum(e.name in ("aten::native_batch_norm", "aten::_native_batch_norm_legit",
+                           "aten::cudnn_batch_norm") for e in events)
+    return launches, norms
+
+
+def hardware_line(args, name: str, method, rate: float, step, runtime) -> None:
+    """How close the full step is to the hardware: TFLOP/s counted as 2 x MACs x passes per image
+    (models.macs, runs.PASSES), as a share of the bf16 matmul rate measured in this run, and the
+    launches and normalisations per step."""
+    macs = models.macs(models.ARCHS[args.arch](small_stem=args.small_stem), args.input_size)
+    achieved = 2 * macs * runs.PASSES[name] * rate / 1e12
+    peak = matmul_tflops(runtime.device)
+    bn_layers = sum(isinstance(m, s3l.SplitBatchNorm) for m in method.modules())
+    launches, norms = launches_per_step(step, runtime)
+    folded = "folded" if any(getattr(m, "folded", False) for m in method.modules()) else "chunked"
+    unit = "kernels" if runtime.device.type == "cuda" else "aten ops"
+    print(f"  {name}: {achieved:.3f} TFLOP/s (2 x {macs / 1e9:.3f} GMACs x {runs.PASSES[name]} "
+          f"passes x {rate:.0f} images/s) = {100 * achieved / peak:.1f} % of the bf16 matmul rate "
+          f"({peak:.2f} TFLOP/s); per step {launches} {unit}, {norms} batch_norm calls for "
+          f"{bn_layers} BN layers ({folded})", flush=True)
 
 
 def profile(step, runtime, n_steps: int = 3) -> None:
@@ -341,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "augmentation, and print |loss compiled - eager| on one batch")
     p.add_argument("--profile", action="store_true", help="print the top operators of our full "
                    "step (first method)")
+    p.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, help="per-GPU BN in one "
+                   "batch_norm a layer (the CUDA path) or one per group (the CPU's); default: the "
+                   "device's")
     return p
 
 

@@ -43,12 +43,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import augment
+import data
 import models
 
 LOCK_NAME = ".lock"
 
 
-# ----- the command line's value types (argparse), shared by train.py and study.py --------------
+# ----- the command line's value types and checks (argparse), for train.py and study.py ----------
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows `(default: X)` from the parser itself (never typed by hand), except for None."""
@@ -112,6 +113,35 @@ def check_process_flags(parser, args) -> None:
     if sync_bn and (getattr(args, "bn_batch", None) or getattr(args, "method", None) == "byol"):
         parser.error("--sync-bn makes one BN group of the whole batch: drop --bn-batch (BYOL, "
                      "whose BN is per view: use --bn-batch instead of --sync-bn)")
+
+
+def subset_spec(text: str) -> str:
+    """An argparse type: a --subset spec in one of data.SUBSET_FORMS, kept as text."""
+    try:
+        data.parse_subset(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return text
+
+
+def check_pretrain_args(args, n_train: int, processes: int) -> None:
+    """pretrain's flags against its training split, before any work: each error names the flag and
+    the fix; a note when drop_last leaves over a tenth of the images out."""
+    if args.batch_size > n_train:
+        raise SystemExit(f"--batch-size {args.batch_size} is larger than the training split "
+                         f"({n_train} images): lower --batch-size")
+    per_process = args.batch_size // processes
+    if args.bn_batch and per_process % args.bn_batch:
+        shared = f" over {processes} processes ({per_process} each)" if processes > 1 else ""
+        raise SystemExit(f"--batch-size {args.batch_size}{shared} is not a multiple of --bn-batch "
+                         f"{args.bn_batch}")
+    if args.method == "moco" and args.moco_k % args.batch_size:
+        raise SystemExit(f"--moco-k {args.moco_k} is not divisible by --batch-size "
+                         f"{args.batch_size} (MoCo's queue takes whole batches): change one")
+    dropped = n_train % args.batch_size
+    if dropped > 0.1 * n_train:
+        print(f"note: batches of {args.batch_size} leave {dropped} of {n_train} images out of "
+              "every epoch (drop_last, as the official loaders); a smaller --batch-size uses them")
 
 
 def check_paths(args) -> None:
@@ -512,6 +542,7 @@ class Runtime:
     channels_last: bool
     reason: str
     resample_dtype: torch.dtype = torch.float32  # the views' crop + resize (augment.crop_resize)
+    fold_bn: bool = False  # per-GPU BN in one kernel a layer (s3l.fold_split_batchnorm_): CUDA
     distributed: bool = False  # launched by torchrun: a process group, DDP (see above)
     rank: int = 0
     local_rank: int = 0  # the process's index on its node, and its GPU
@@ -612,15 +643,16 @@ def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = 
     resample = torch.bfloat16 if fast_bf16 else torch.float32
     reason = f"{amp if dtype else 'fp32'}: {name}" + (", channels_last" if channels_last else "") \
         + (", bf16 crops" if fast_bf16 else "")
+    fold_bn = device.type == "cuda"  # one batch_norm a layer; on a CPU the chunks are faster
     if ranks is None:
         print(f"device: {reason}")
-        return Runtime(device, dtype, channels_last, reason, resample)
+        return Runtime(device, dtype, channels_last, reason, resample, fold_bn)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():  # the default job sets up a second runtime in the same group
         dist.init_process_group(backend)
     reason += f", {ranks[2]} processes ({backend})"
     print(f"device: {reason}")
-    return Runtime(device, dtype, channels_last, reason, resample, True, *ranks)
+    return Runtime(device, dtype, channels_last, reason, resample, fold_bn, True, *ranks)
 
 
 # ----- evaluation over the processes -------------------------------------------------------------
@@ -1101,3 +1133,13 @@ class Run:
     def all_stages(self) -> list:
         """The pipeline's stages with this one's record so far last (--resume replaces it)."""
         return self.stages + [dict(self.stage, wall_s=round(self.wall_s(), 1))]
+
+
+# ----- cost accounting: what bench.py and study.py count -----------------------------------------
+
+# Backbone passes per training image, in forward-pass units (a backward costs two forwards): MoCo v2
+# trains the query encoder on one view and runs the key encoder on the other (3 + 1); SimCLR trains
+# on both views (2 x 3); BYOL trains the online network on both views and runs the target on both
+# (2 x 3 + 2); fine-tuning 3; the linear probe runs the frozen backbone forward (its fc is ignored).
+# Heads and projectors are not counted: small next to the backbone. FLOPs = 2 x macs() x PASSES.
+PASSES = {"moco": 4, "simclr": 6, "byol": 8, "finetune": 3, "linear": 1}

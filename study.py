@@ -171,7 +171,7 @@ def pretrain_pflops_per_epoch(argv: list) -> float:
         n = len(data.subset_indices(listing.labels, args.subset, args.seed))
     images = n // args.batch_size * args.batch_size
     macs = models.macs(architecture.build(), architecture.input_size)
-    return 2 * macs * PASSES[args.method] * images / 1e15
+    return 2 * macs * runs.PASSES[args.method] * images / 1e15
 
 
 # ----- running the steps ------------------------------------------------------------------------
@@ -264,20 +264,12 @@ def read_log(folder: str) -> dict:
 
 # ----- cost accounting --------------------------------------------------------------------------
 
-# Backbone passes per training image, in forward-pass units (a backward costs two forwards): MoCo v2
-# trains the query encoder on one view and runs the key encoder on the other (3 + 1); SimCLR trains
-# on both views (2 x 3); BYOL trains the online network on both views and runs the target on both
-# (2 x 3 + 2); fine-tuning 3; the linear probe runs the frozen backbone forward (its fc is ignored).
-# Heads and projectors are not counted: small next to the backbone.
-PASSES = {"moco": 4, "simclr": 6, "byol": 8, "finetune": 3, "linear": 1}
-
-
 def stage_pflops(stage: dict) -> float:
     """Training PFLOPs of one stage record of summary.json: 2 x MACs x passes x images trained."""
     kind, macs = stage["command"], stage["macs_per_image"]
     images = stage["images_per_epoch"] * stage["epochs"]
     if kind == "pretrain":
-        passes = PASSES[stage["method"]]
+        passes = runs.PASSES[stage["method"]]
     elif kind == "warmup-conv5":  # forward through all, backward through conv5 (+ fc) only
         conv5 = macs - models.macs(models.ARCHS[stage["arch"]](
             conv5=False, small_stem=stage["small_stem"], num_classes=0), stage["input_size"])
@@ -286,7 +278,7 @@ def stage_pflops(stage: dict) -> float:
         images = stage["images_per_epoch"]
         passes = 1
     else:
-        passes = PASSES[kind]
+        passes = runs.PASSES[kind]
     return 2 * macs * passes * images / 1e15
 
 
@@ -345,7 +337,7 @@ def results_markdown(rows: list, evals: list, records: list, settings: dict) -> 
     lines = [f"# S3L study on {settings['data']}", "",
              "Final-epoch top-1 (%), mean ± sample std over the seeds that finished; evaluated "
              f"at {settings['full_size']} px. PFLOPs = 2 × MACs × backbone passes × images "
-             f"trained (study.py's PASSES). Device: {devices(records)}.", ""]
+             f"trained (runs.PASSES). Device: {devices(records)}.", ""]
     columns = [(k, f"{k} top-1 %", max) for k in evals] + [
         ("pretrain_pflops", "pretrain PFLOPs", min), ("total_pflops", "all training PFLOPs", min),
         ("pretrain_min", "pretrain min", min), ("eval_min", "eval min", min),

@@ -342,6 +342,42 @@ def test_the_pretraining_step_reads_nothing_back_from_the_device(method, monkeyp
     assert calls == [], calls
 
 
+@pytest.mark.parametrize("method", ["moco", "simclr", "byol"])
+def test_folded_split_bn_trains_as_the_chunked_one(method):
+    """Per-GPU BN in one kernel a layer (folded into channels, the CUDA path) gives the chunked
+    form's loss, gradients and running statistics to float rounding: MoCo's shuffle-BN, SimCLR's
+    grouped views, BYOL's per-view groups (checked here on the CPU)."""
+    head = ["--head", "mlp-bn"] if method != "byol" else []  # BN in the head too
+    args = train.parse_args(["pretrain", "--method", method, "--arch", "resnet18", "--batch-size",
+                             "16", "--moco-k", "32", "--bn-batch", "4", "--byol-hidden-dim", "32",
+                             *head])
+    torch.manual_seed(0)
+    chunked = train.build_method(args, models.resnet18())
+    folded = s3l.fold_split_batchnorm_(copy.deepcopy(chunked), True)
+    views = randn(16, 3, 32, 32, seed=1), randn(16, 3, 32, 32, seed=2)
+    for model in (chunked, folded):
+        torch.manual_seed(3)  # MoCo's key shuffle
+        model.loss = model(*views)
+        model.loss.backward()
+    assert torch.allclose(chunked.loss, folded.loss, rtol=1e-5, atol=1e-6)
+    grads = [(n, a.grad, b.grad) for (n, a), b in zip(chunked.named_parameters(),
+                                                      folded.parameters()) if a.grad is not None]
+    scale = max(a.abs().max() for _, a, _ in grads)  # biases before a BN get rounding noise only
+    for name, a, b in grads:
+        assert (a - b).abs().max() <= 1e-3 * a.abs().max() + 1e-5 * scale, name
+    for (name, a), b in zip(chunked.named_buffers(), folded.buffers()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), name
+
+
+def test_folded_split_bn_falls_back_to_chunks_on_an_uneven_batch():
+    """Fine-tuning's last, smaller batch (14 images in 4 groups) cannot fold: it is split as
+    evenly as possible, exactly as the chunked form does."""
+    bn = s3l.SplitBatchNorm(3, 4)
+    folded = s3l.fold_split_batchnorm_(copy.deepcopy(bn), True)
+    x = randn(14, 3, 4, 4, seed=4)
+    assert torch.equal(bn(x), folded(x)) and torch.equal(bn.running_var, folded.running_var)
+
+
 def test_byol_refuses_the_head_flag(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["pretrain", "--method", "byol", "--head", "mlp-bn"])
@@ -1690,6 +1726,9 @@ def test_bench_prints_every_row_as_measured_and_in_the_table_with_positive_finit
     assert all(f"  {m:<10}{p:<16}" in progress for m, p in expected)
     assert all(f"\n{m:<10}{p:<16}" in table for m, p in expected)
     assert "Self CPU" in printed  # the --profile table of the full step
+    for m in ("moco", "simclr", "byol"):  # how close to the hardware, per method
+        assert re.search(rf"  {m}: [0-9.]+ TFLOP/s \(2 x .* passes .*% of the bf16 matmul rate "
+                         r".*per step \d+ aten ops, \d+ batch_norm calls", printed), m
 
 
 # ----- the project's shape: imports point one way ------------------------------------------------

@@ -32,7 +32,7 @@ import data
 import models
 import runs
 import s3l
-from runs import POSITIVE, HelpFormatter, Parser, device_name, number
+from runs import POSITIVE, HelpFormatter, Parser, device_name, number, subset_spec
 
 # ----- defaults -----------------------------------------------------------------------------------
 
@@ -95,15 +95,6 @@ DEFAULT_JOB = ["pretrain", "--method", "simclr", "--arch", "resnet18", "--input-
 
 
 # ----- the command line ---------------------------------------------------------------------------
-
-def subset_spec(text: str) -> str:
-    """An argparse type: a --subset spec in one of data.SUBSET_FORMS, kept as text."""
-    try:
-        data.parse_subset(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
-    return text
-
 
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per stage of the recipe (paper map), and export."""
@@ -549,26 +540,6 @@ def sgd_step(state: runs.TrainState, loss: torch.Tensor) -> torch.Tensor:
 
 # ----- pretraining: one loop for every method -----------------------------------------------------
 
-def check_pretrain_args(args, n_train: int, processes: int) -> None:
-    """User-facing checks before any work: each error names the flag and the fix; a note when
-    drop_last leaves over a tenth of the images out."""
-    if args.batch_size > n_train:
-        raise SystemExit(f"--batch-size {args.batch_size} is larger than the training split "
-                         f"({n_train} images): lower --batch-size")
-    per_process = args.batch_size // processes
-    if args.bn_batch and per_process % args.bn_batch:
-        shared = f" over {processes} processes ({per_process} each)" if processes > 1 else ""
-        raise SystemExit(f"--batch-size {args.batch_size}{shared} is not a multiple of --bn-batch "
-                         f"{args.bn_batch}")
-    if args.method == "moco" and args.moco_k % args.batch_size:
-        raise SystemExit(f"--moco-k {args.moco_k} is not divisible by --batch-size "
-                         f"{args.batch_size} (MoCo's queue takes whole batches): change one")
-    dropped = n_train % args.batch_size
-    if dropped > 0.1 * n_train:
-        print(f"note: batches of {args.batch_size} leave {dropped} of {n_train} images out of "
-              "every epoch (drop_last, as the official loaders); a smaller --batch-size uses them")
-
-
 def build_method(args, encoder, processes: int = 1) -> torch.nn.Module:
     """The method of --method around `encoder`, with the paper's hyperparameters from the resolved
     flags. Each of `processes` splits its share of the batch into BN groups of --bn-batch images
@@ -620,14 +591,14 @@ def pretrain(args) -> dict:
                                         min_crop_scale=args.crop_scale[0],
                                         **train_split_args(args, runtime))
     n = len(train_store)
-    check_pretrain_args(args, n, runtime.world_size)
+    runs.check_pretrain_args(args, n, runtime.world_size)
     test_split = args.test_split or data.default_eval_split(args.data)
     bank, queries = data.knn_stores(train_store, args.data, test_split, architecture.input_size,
                                     knn_train=args.knn_train, knn_val=args.knn_val,
                                     **store_args(args, runtime))
     torch.manual_seed(args.seed)
     method = build_method(args, architecture.build(), runtime.world_size)
-    method = runtime.place(method, args.sync_bn)
+    method = runtime.place(s3l.fold_split_batchnorm_(method, runtime.fold_bn), args.sync_bn)
     if resumed:  # this stage's own record, last, is written anew
         stages = resumed["stages"][:-1]
     else:
@@ -727,6 +698,7 @@ def finetune(args) -> dict:
         args, build_conv5=True)
     if args.bn_batch:  # per-GPU BN; a last, smaller batch splits as evenly as possible
         s3l.split_batchnorm_(net, args.batch_size // runtime.world_size // args.bn_batch)
+        s3l.fold_split_batchnorm_(net, runtime.fold_bn)
     frozen_bn = []
     if warmup:  # fc N(0, 0.01) as the official main_freeze.py; only conv5 and fc learn
         torch.nn.init.normal_(net.fc.weight, std=0.01)
