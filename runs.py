@@ -960,9 +960,14 @@ def resume_checkpoint(path, command: str, method: str = None, epochs: int = None
         raise SystemExit(f"--resume {path} is a checkpoint of `train.py {what}`: resume it "
                          f"with that command (or start from it with --pretrained / --init-from)")
     if epochs is not None and ckpt["epoch"] >= epochs and "step" not in ckpt:
+        summary = os.path.join(os.path.dirname(path), "summary.json")
+        if not os.path.exists(summary):  # stopped between its last checkpoint and its summary
+            raise SystemExit(f"--resume {path}: this run trained all its {ckpt['epoch']} epochs "
+                             "but wrote no summary.json; its per-epoch results are in log.jsonl "
+                             "beside it, and --pretrained or --init-from can start from it")
         print(f"--resume {path}: this run already finished its {ckpt['epoch']} epochs; nothing "
-              f"to do, nothing changed (its results: summary.json beside it). To train longer, "
-              "pass a larger --epochs with --force-resume")
+              f"to do, nothing changed (its results: {summary}). To train longer, pass a larger "
+              "--epochs with --force-resume")
         raise SystemExit(0)
     return ckpt
 

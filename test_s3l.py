@@ -1285,6 +1285,9 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
         train.main(argv + ["--resume", str(tmp_path / "run" / "checkpoint.pt")])
     assert stop.value.code == 0 and "already finished its 1 epochs" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == files
+    (tmp_path / "run" / "summary.json").unlink()  # stopped after its last checkpoint
+    with pytest.raises(SystemExit, match="trained all its 1 epochs but wrote no summary.json"):
+        train.main(argv + ["--resume", str(tmp_path / "run" / "checkpoint.pt")])
 
 
 def test_a_full_disk_at_a_checkpoint_stops_with_one_line_and_leaves_no_temp_file(tmp_path,
