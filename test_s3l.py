@@ -1001,24 +1001,16 @@ def same_weights(path_a, path_b):
     (["--moco-m", "1.5"], "--moco-m: must be [0, 1]"),
     (["--lr", "nan"], "--lr: must be >= 0"),
     (["--workers", "x"], "--workers: expected an integer"),
-])
-def test_every_numeric_flag_is_checked_at_parse_time(argv, message, capsys):
-    """Bad numbers stop at the parser, with the flag and its allowed range in the message."""
-    with pytest.raises(SystemExit):
-        train.parse_args(["pretrain", *argv])
-    assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("argv, message", [
     (["--subset", "total=-3"], "--subset: expected per-class=N, total=N, classes=C,total=N"),
     (["--subset", "per-class=0"], "--subset: expected per-class=N"),
     (["--subset", "per-class=abc"], "--subset: expected per-class=N"),
     (["--subset", "classes=5,total=2"], "--subset: expected"),
     (["--subset", "fraction=1.5"], "fraction=F (0 < F <= 1)"),
-    (["--device", "banana"], "--device: expected auto, cpu, cuda or cuda:N, got 'banana'")])
-def test_subset_and_device_are_checked_at_parse_time(argv, message, capsys):
-    """A mistyped --subset or --device stops at the parser with one line naming the flag and the
-    accepted forms; nothing is trained on a silently different subset."""
+    (["--device", "banana"], "--device: expected auto, cpu, cuda or cuda:N, got 'banana'"),
+])
+def test_every_numeric_flag_is_checked_at_parse_time(argv, message, capsys):
+    """Bad numbers, --subset forms and --device names stop at the parser, with the flag and what
+    it accepts in the message: nothing trains on a silently different subset."""
     with pytest.raises(SystemExit):
         train.parse_args(["pretrain", *argv])
     assert message in capsys.readouterr().err
