@@ -1266,6 +1266,17 @@ def test_a_batch_that_drops_over_a_tenth_of_the_split_says_so(tmp_path, capsys):
     assert "leave 6 of 14 images out of every epoch" in capsys.readouterr().out
 
 
+def test_the_built_in_data_is_drawn_in_bounded_memory_at_any_size():
+    """400 built-in images at 256 px (the linear probe's store at 224) peak well under 1 GB: they
+    are drawn in chunks, uint8 at once (drawn whole, the float maps took over 4 GB)."""
+    script = ("import resource, data; images, _ = data.synthetic_dataset(400, 256, 0); "
+              "print(images.dtype, tuple(images.shape), "
+              "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=120).stdout
+    assert out.startswith("torch.uint8 (400, 3, 256, 256)") and int(out.split()[-1]) < 1_000_000, out
+
+
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     """--resume of a run that finished every epoch: exit 0 with a line saying so; summary.json,
     config.json, log.jsonl and the checkpoint are byte for byte as they were."""
@@ -1578,6 +1589,19 @@ def test_the_linear_probe_trains_on_random_resized_crops_and_fine_tuning_on_resi
     area = lambda boxes: (boxes[:, 2] * boxes[:, 3]) / (64 * 80)  # noqa: E731
     assert area(rrc).min() < 0.1 and area(rrc).max() > 0.9
     assert area(fixed).std() < 1e-6
+
+
+def test_stages_without_data_run_on_the_built_in_shapes_at_the_checkpoints_size(pretrained_run):
+    """The default job's follow-ups need no --data: knn and linear on a 16 px checkpoint run on
+    the built-in shapes at 16 px, not the linear probe's 224."""
+    tmp, _ = pretrained_run
+    ckpt = str(tmp / "full" / "checkpoint.pt")
+    train.main(["knn", "--pretrained", ckpt, "--save-dir", str(tmp / "knn-builtin")])
+    summary = json.load(open(tmp / "knn-builtin" / "summary.json"))
+    assert summary["input_size"] == 16 and summary["bank"] == 2000
+    train.main(["linear", "--pretrained", ckpt, "--epochs", "1", "--cached-features",
+                "--save-dir", str(tmp / "linear-builtin")])
+    assert json.load(open(tmp / "linear-builtin" / "summary.json"))["input_size"] == 16
 
 
 def test_warmup_trains_only_conv5_and_fc(pretrained_run):
