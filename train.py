@@ -637,9 +637,8 @@ def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, k
     group = args.batch_size if args.sync_bn else args.bn_batch or \
         args.batch_size // runtime.world_size
     print(f"pretraining {args.method} {architecture.arch} conv5={architecture.conv5} at "
-          f"{architecture.input_size} px on {len(train_store)} images: {run.num_steps} steps per "
-          "epoch, "
-          f"BN groups of {group} images")
+          f"{architecture.input_size} px on {len(train_store)} images: {run.num_steps} steps an "
+          f"epoch, BN groups of {group} images")
     record, knn = {}, None
     with run:
         for epoch in run.epochs():
