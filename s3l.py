@@ -44,8 +44,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     n = z1.shape[0]
     # fp32: a bf16 cosine carries ~3 significant digits, and 1 / temperature multiplies its error
     with torch.autocast(z1.device.type, enabled=False):
-        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D)
-        sim = z @ z.T / temperature  # (2N, 2N)
+        anchors = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D)
+        # the same rows as candidates, computed apart as nt_xent_gathered does: both forms then sum
+        # their gradients in one order and train bit for bit alike
+        candidates = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D)
+        sim = anchors @ candidates.T / temperature  # (2N, 2N)
         # an anchor is never its own negative: -inf on the diagonal drops it from the denominator
         self_mask = torch.eye(2 * n, dtype=torch.bool, device=sim.device)
         positive = torch.arange(2 * n, device=sim.device).roll(n)  # row i's other view: i +- N
