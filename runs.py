@@ -437,10 +437,17 @@ def export_backbone(checkpoint: str, out: str) -> None:
     """`train.py export`: a checkpoint's backbone as a plain state_dict with torchvision ResNet
     names, no fc; it loads with strict=True into models.resnetXX(num_classes=0) of the same depth.
     Never written onto its own input or onto another training checkpoint."""
-    if os.path.exists(out) and (os.path.samefile(out, checkpoint) or
-                                "optimizer" in read_checkpoint(out)):
-        what = "the checkpoint it reads" if os.path.samefile(out, checkpoint) else \
-            "a training checkpoint"
+    what = None
+    if os.path.exists(out) and os.path.samefile(out, checkpoint):
+        what = "the checkpoint it reads"
+    elif os.path.isfile(out):
+        try:  # any other file there may be replaced; a training checkpoint may not
+            held = torch.load(out, map_location="cpu", weights_only=True)
+            what = "a training checkpoint" if isinstance(held, dict) and "optimizer" in held \
+                else None
+        except Exception:  # noqa: BLE001 -- not a torch file: nothing to protect here
+            what = None
+    if what:
         raise SystemExit(f"export: {out} is {what}; writing there would destroy it: pass another "
                          "output path")
     _, state = read_backbone(checkpoint)
