@@ -7,8 +7,8 @@ paper (S3L, arXiv 2103.13559: every stage of its recipe is one such loop).
                mixed with another run's results), check_writable_folder
   checkpoints  save_checkpoint, read_checkpoint (atomic writes, a checksum inside), TrainState
                (the one checkpoint format); backbone_state, checkpoint_backbone, infer_arch,
-               load_backbone, export_backbone (a ResNet backbone out of ours, exports and the
-               official ones: how the S3L recipe moves conv1-4 between its stages)
+               load_backbone, load_pretrained, export_backbone (a ResNet backbone out of ours,
+               exports and the official ones: how the S3L recipe moves conv1-4 between stages)
   processes    torchrun_ranks, world_size, torchrun_scope (rank 0 prints; the group is left at the
                end), local_rank_0_first, broadcast_buffers, mean_over_processes (the meter's
                read-backs, so every process takes the same decision to stop)
@@ -22,7 +22,8 @@ paper (S3L, arXiv 2103.13559: every stage of its recipe is one such loop).
   resuming     files_digest, resume_checkpoint, check_resume, epoch_order (--resume continues a
                run exactly)
   a loop       Run: the bookkeeping of every training loop of train.py behind a handful of calls
-               (epochs, steps, batch, step_done, epoch_record, save_epoch)
+               (epochs, steps, batch, step_done, epoch_record, save_epoch); health_monitor
+               (health.py's label-free measures for a pretraining run, from its flags)
 """
 import argparse
 import contextlib
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 
 import augment
 import data
+import health
 import models
 
 LOCK_NAME = ".lock"
@@ -431,6 +433,23 @@ def load_backbone(model: torch.nn.Module, state: dict, allow_missing=("fc.",)) -
                          f"unexpected keys: {head(unexpected)}; shape mismatches: {head(shapes)}")
     model.load_state_dict(state, strict=False)
     return [k for k in own if k not in state]
+
+
+def load_pretrained(model, state: dict, path: str, keep_conv5: bool) -> None:
+    """Load a backbone state into a ResNet. A conv5 that is not kept (keep_conv5=False) or not in
+    the checkpoint (small architecture) starts freshly initialised, and a line says so."""
+    had_conv5 = any(k.startswith("layer4.") for k in state)
+    if not keep_conv5:
+        state = {k: v for k, v in state.items() if not k.startswith("layer4.")}
+    allow = ("fc.",)
+    if model.layer4 is not None and not (keep_conv5 and had_conv5):
+        allow += ("layer4.",)
+        why = "left unused" if had_conv5 else "not in the checkpoint (small architecture)"
+        print(f"{path}: conv5 (layer4) {why}: it starts freshly initialised")
+    try:
+        load_backbone(model, state, allow)
+    except ValueError as e:
+        raise SystemExit(f"--pretrained {path}: {e}") from None
 
 
 def export_backbone(checkpoint: str, out: str) -> None:
@@ -1145,6 +1164,21 @@ class Run:
     def all_stages(self) -> list:
         """The pipeline's stages with this one's record so far last (--resume replaces it)."""
         return self.stages + [dict(self.stage, wall_s=round(self.wall_s(), 1))]
+
+
+def health_monitor(args, runtime: Runtime, steps: int, group: int):
+    """The label-free health measures of this run (health.py), or None with --no-health."""
+    if not args.health:
+        return None
+    scale = args.simclr_t / args.simclr_base_t if args.method == "simclr" else 1.0
+    candidates = args.batch_size // (runtime.world_size if args.simclr_local_negatives else 1)
+    causes = f"--lr {args.lr:g} (too high or too low); " + \
+        (f"--byol-tau {args.byol_tau:g} (BYOL: 0.99-0.996); " if args.method == "byol" else "") + \
+        f"--batch-size {args.batch_size} in BN groups of {group} (--bn-batch: too small groups " \
+        f"leak; BYOL needs BN); {runtime.reason.split(':')[0]}" + \
+        (" (fp16 overflows: try --amp bf16 or off)" if "fp16" in runtime.reason else "")
+    return health.HealthMonitor(args.method, health.chance_loss(
+        args.method, candidates, args.moco_k, scale), args.print_freq, steps, causes)
 
 
 # ----- cost accounting: what bench.py and study.py count -----------------------------------------

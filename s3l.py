@@ -12,7 +12,7 @@ arXiv 2002.05709); MoCo (He et al. 2020, arXiv 1911.05722) and MoCo v2 (Chen et 
   heads    mlp, mlp_bn, HEADS, SplitBatchNorm, group_views, ungroup_views, split_batchnorm_,
            fold_split_batchnorm_
   methods  SimCLR, MoCo, BYOL, METHODS  (each forward(view1, view2) -> loss: one loop trains
-           all)
+           all; then `outputs`: detached view-1 features (N, d), z1, z2 (N, dim), for health)
   eval     knn_top1
   recipe   freeze_all_but_conv5 (small architecture: conv1-4 from SSL, a fresh conv5 warmed up),
            mixup, mixup_loss, classifier_loss (fine-tuning with mixup); set_lr, lr_at (warm-up,
@@ -312,7 +312,10 @@ class SimCLR(nn.Module):
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         x = group_views(view1, view2, self.bn_splits)  # (2N, 3, H, W): one pass
-        z1, z2 = ungroup_views(self.encoder(x), self.bn_splits)  # (N, dim) each
+        h = self.encoder.forward_features(x)  # (2N, d)
+        z1, z2 = ungroup_views(self.encoder.fc(h), self.bn_splits)  # (N, dim) each
+        self.outputs = dict(features=ungroup_views(h, self.bn_splits)[0].detach(),
+                            z1=z1.detach(), z2=z2.detach())
         rank, world_size = rank_and_world_size()
         if self.gather_negatives and world_size > 1:
             # every rank's rows as candidates, gradients back to ours: with DDP's mean over ranks
@@ -385,9 +388,11 @@ class MoCo(nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + n) % self.queue.shape[1])
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        q = self.encoder_q(view1)  # (N, dim)
+        h = self.encoder_q.forward_features(view1)  # (N, d)
+        q = self.encoder_q.fc(h)  # (N, dim)
         momentum_update_(self.encoder_k, self.encoder_q, self.moco_m)  # before the keys, as in MoCo
         k = self._keys(view2)  # (N, dim), no gradient
+        self.outputs = dict(features=h.detach(), z1=q.detach(), z2=k)
         loss = info_nce(q, k, self.queue.clone(), self.moco_t)  # clone: the enqueue writes in place
         self._dequeue_and_enqueue(k)
         return loss
@@ -426,7 +431,11 @@ class BYOL(nn.Module):
         # one pass per network, with per-view BN groups: the same statistics as a pass per view;
         # the running statistics move once a step (view 1's chunk 0), not once per view
         views = torch.cat([view1, view2])  # (2N, 3, H, W)
-        p1, p2 = self.predictor(self.online(views)).chunk(2)  # (N, dim) each
+        h = self.online.forward_features(views)  # (2N, d)
+        z = self.online.fc(h)  # (2N, dim): the online projections
+        p1, p2 = self.predictor(z).chunk(2)  # (N, dim) each
+        self.outputs = dict(features=h.chunk(2)[0].detach(), z1=z.chunk(2)[0].detach(),
+                            z2=z.chunk(2)[1].detach())
         with torch.no_grad():
             z1, z2 = self.target(views).chunk(2)
         return byol_loss(p1, z2) + byol_loss(p2, z1)  # view 1 predicts view 2 and vice versa

@@ -16,7 +16,6 @@ import argparse
 import functools
 import hashlib
 import json
-import math
 import os
 import shlex
 import signal
@@ -26,9 +25,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw, ImageFont
-
 import data
+import health
 import models
 import runs
 import train
@@ -242,16 +240,16 @@ def run_arm(arm: Arm, seed: int, s: dict) -> dict:
     record["commands"] = [shlex.join(["python", "train.py", *st.argv, "--save-dir", st.folder])
                           for st in pretrain + [st for chain in evals.values() for st in chain]]
     curves = [read_log(st.folder) for st in pretrain]
-    record["curves"] = dict(loss=sum((c["loss"] for c in curves), []),
-                            knn=[[sum(len(c["loss"]) for c in curves[:i]) + e, v]
-                                 for i, c in enumerate(curves) for e, v in c["knn"]])
+    record["curves"] = dict(loss=sum((c["loss"] for c in curves), []), **{
+        key: [[sum(len(c["loss"]) for c in curves[:i]) + e, v]  # the stages' epochs in a row
+              for i, c in enumerate(curves) for e, v in c[key]] for key in ("knn", "rank")})
     return record
 
 
 def read_log(folder: str) -> dict:
-    """Per-epoch pretraining loss and kNN monitor from log.jsonl: {"loss": [...], "knn": [[epoch,
-    top-1], ...]}."""
-    loss, knn = [], []
+    """Per-epoch pretraining loss, kNN monitor and effective rank (health.py) from log.jsonl:
+    {"loss": [...], "knn": [[epoch, top-1], ...], "rank": [[epoch, rank], ...]}."""
+    loss, knn, rank = [], [], []
     with open(os.path.join(folder, "log.jsonl")) as f:
         for line in f:
             rec = json.loads(line)
@@ -259,7 +257,9 @@ def read_log(folder: str) -> dict:
                 loss.append(rec["loss"])
                 if rec.get("knn_top1") is not None:
                     knn.append([rec["epoch"], rec["knn_top1"]])
-    return dict(loss=loss, knn=knn)
+                if rec.get("rank") is not None:
+                    rank.append([rec["epoch"], rec["rank"]])
+    return dict(loss=loss, knn=knn, rank=rank)
 
 
 # ----- cost accounting --------------------------------------------------------------------------
@@ -388,80 +388,15 @@ def devices(records: list) -> str:
 
 # ----- the plots: pillow only ---------------------------------------------------------------------
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def nice_ticks(low: float, high: float, count: int = 5) -> list:
-    """About `count` round tick values (1, 2 or 5 x a power of ten apart) covering [low, high]."""
-    if high <= low:
-        high = low + 1
-    raw = (high - low) / count
-    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)),
-               key=lambda s: abs(s - raw))
-    first = math.floor(low / step) * step
-    return [first + i * step for i in range(int(math.ceil((high - first) / step)) + 1)]
-
-
 def plot(path: str, series: list, xlabel: str, ylabel: str, title: str, x_from=None) -> None:
-    """A PNG chart with axes, ticks, axis labels, a title and a legend. series: dicts with label,
-    x, y (lists), optional yerr (error bars) and lines (join the points; default: markers only);
-    series with the same label share a colour and a legend entry (the seeds of one arm).
-    x_from: where the x axis starts (0 for costs, so distances read as ratios; None: the data)."""
-    font = ImageFont.load_default(size=13)
-
-    def text(xy, words, anchor="lt"):  # anchor as pillow's ("mt": middle, top), any font
-        x0, y0, x1, y1 = draw.textbbox((0, 0), words, font=font)
-        dx = {"l": 0, "m": (x1 - x0) / 2, "r": x1 - x0}[anchor[0]]
-        dy = {"t": 0, "m": (y1 - y0) / 2, "b": y1 - y0}[anchor[1]]
-        draw.text((xy[0] - dx - x0, xy[1] - dy - y0), words, fill="black", font=font)
-
-    w, h, left, right, top, bottom = 900, 520, 80, 240, 40, 60
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    xs = [x for s in series for x in s["x"]] + ([] if x_from is None else [x_from])
-    ys = [y + sign * e for s in series for y, e in zip(s["y"], s.get("yerr") or [0] * len(s["y"]))
-          for sign in (-1, 1)] or [0]
-    xt, yt = nice_ticks(min(xs, default=0), max(xs, default=1)), nice_ticks(min(ys), max(ys))
-
-    def px(x, y):  # data -> pixel coordinates of the plot area
-        return (left + (x - xt[0]) / (xt[-1] - xt[0]) * (w - left - right),
-                h - bottom - (y - yt[0]) / (yt[-1] - yt[0]) * (h - top - bottom))
-
-    draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    for x in xt:
-        draw.line([px(x, yt[0]), (px(x, yt[0])[0], h - bottom + 5)], fill="black")
-        text((px(x, yt[0])[0], h - bottom + 8), f"{x:g}", "mt")
-    for y in yt:
-        draw.line([(left - 5, px(xt[0], y)[1]), px(xt[0], y)], fill="black")
-        text((left - 8, px(xt[0], y)[1]), f"{y:g}", "rm")
-    text(((left + w - right) / 2, h - 20), xlabel, "mm")
-    text(((left + w - right) / 2, 20), title, "mm")
-    x0, y0, x1, y1 = draw.textbbox((0, 0), ylabel, font=font)
-    label = Image.new("RGB", (x1 - x0 + 4, y1 - y0 + 4), "white")  # drawn flat, then turned
-    ImageDraw.Draw(label).text((2 - x0, 2 - y0), ylabel, fill="black", font=font)
-    img.paste(label.rotate(90, expand=True), (8, int((top + h - bottom) / 2 - label.width / 2)))
-    labels = list(dict.fromkeys(s["label"] for s in series))  # one colour and legend entry each
-    for s in series:
-        colour = COLOURS[labels.index(s["label"]) % len(COLOURS)]
-        points = [px(x, y) for x, y in zip(s["x"], s["y"])]
-        if s.get("lines") and len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for (x, y), e in zip(points, s.get("yerr") or [0] * len(points)):
-            bar = e / (yt[-1] - yt[0]) * (h - top - bottom)
-            draw.line([(x, y - bar), (x, y + bar)], fill=colour, width=2)
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-    for i, label in enumerate(labels):
-        ly = top + 10 + 18 * i
-        draw.rectangle([w - right + 15, ly - 5, w - right + 25, ly + 5],
-                       fill=COLOURS[i % len(COLOURS)])
-        text((w - right + 32, ly), label, "lm")
-    img.save(path)
+    """health.chart (series: dicts with label, x, y, optional yerr and lines) saved as PNG."""
+    health.chart(series, xlabel, ylabel, title, x_from=x_from).save(path)
 
 
 def draw_plots(folder: str, rows: list, records: list, evals: list) -> list:
     """compute_<eval>.png: accuracy against pretraining compute, one point per arm with its seed
-    spread; loss.png and knn.png: the pretraining curves of every arm and seed."""
+    spread; loss.png, knn.png and rank.png: the pretraining curves of every arm and seed (rank,
+    health.py's, compares the arms without labels)."""
     paths = []
     for kind in evals:
         # the from-scratch baseline sits at 0 PFLOPs of pretraining; arms that share every step
@@ -483,7 +418,8 @@ def draw_plots(folder: str, rows: list, records: list, evals: list) -> list:
     # multi-stage arms first: their first stage is another arm's whole curve (half-32's in
     # half-32-then-64), which is then drawn over it instead of hidden under it
     records = sorted(records, key=lambda r: -sum(st["kind"] == "pretrain" for st in r["steps"]))
-    for key, ylabel in (("loss", "pretraining loss"), ("knn", "kNN monitor top-1 (%)")):
+    for key, ylabel in (("loss", "pretraining loss"), ("knn", "kNN monitor top-1 (%)"),
+                        ("rank", "effective rank of the features")):  # rank: label-free
         series, drawn = [], set()
         for r in records:
             shared = tuple(st["folder"] for st in r["steps"] if st["kind"] == "pretrain")

@@ -27,6 +27,7 @@ from PIL import Image
 
 import augment
 import data
+import health
 import models
 import runs
 import s3l
@@ -975,6 +976,119 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
         train.main(pretrain_argv(str(tmp_path / "nowhere"), tmp_path / "run"))
 
 
+# ----- health.py: label-free measures of a run, the collapse warning, health.png ------------------
+
+def test_effective_rank_is_the_dimension_for_gaussian_data_r_for_rank_r_and_1_for_a_constant():
+    """RankMe: about D for an (N >> D) Gaussian batch, about r for a rank-r one, 1 for equal rows,
+    NaN (not an exception) for non-finite features."""
+    g = torch.Generator().manual_seed(0)
+    assert 0.95 * 32 < float(health.effective_rank(torch.randn(1024, 32, generator=g))) <= 32
+    for r in (1, 5, 10):
+        low_rank = torch.randn(1024, r, generator=g) @ torch.randn(r, 32, generator=g)
+        assert 0.9 * r < float(health.effective_rank(low_rank)) <= r + 1e-3, r
+    assert float(health.effective_rank(torch.ones(64, 32))) == pytest.approx(1.0, abs=1e-3)
+    assert math.isnan(float(health.effective_rank(torch.full((4, 4), float("nan")))))
+
+
+def test_alignment_uniformity_spread_and_cosines_equal_their_formulas_on_a_hand_made_batch():
+    """z1 = (e1, e2), z2 = (e1, e1): alignment (0 + 2) / 2 = 1; uniformity of z1 log exp(-2 x 2) =
+    -4, of z2 log exp(0) = 0; spread of z1 std(1, 0) x sqrt(2) = 1, of equal rows 0; the positive
+    cosines (1, 0), the negative (e1.e1, e2.e1) = (1, 0)."""
+    z1 = torch.tensor([[2.0, 0.0], [0.0, 2.0]])  # not unit length: the measures normalise
+    z2 = torch.tensor([[1.0, 0.0], [5.0, 0.0]])
+    assert float(health.alignment(z1, z2)) == pytest.approx(1.0)
+    assert float(health.uniformity(z1)) == pytest.approx(-4.0)
+    assert float(health.uniformity(z2)) == pytest.approx(0.0, abs=1e-6)
+    assert float(health.spread(z1)) == pytest.approx(1.0)
+    assert float(health.spread(z2)) == pytest.approx(0.0, abs=1e-6)
+    m = health.measure(dict(features=z1, z1=z1, z2=z2))
+    assert float(m["cos_pos"]) == pytest.approx(0.5) and float(m["cos_neg"]) == pytest.approx(0.5)
+    assert float(m["uniform"]) == pytest.approx(-2.0) and float(m["rank"]) == pytest.approx(2.0)
+
+
+def test_chance_loss_is_log_k_plus_1_for_moco_and_the_scaled_log_2n_minus_1_for_simclr():
+    assert health.chance_loss("moco", 256, 4096) == pytest.approx(math.log(4097))
+    assert health.chance_loss("simclr", 128, None, 0.1 / 0.07) == pytest.approx(
+        math.log(255) / 0.7)
+    assert health.chance_loss("byol", 128, None) is None
+
+
+def feed_monitor(monitor, outputs, loss, epochs=1):
+    """The loop's calls to a HealthMonitor for `epochs` epochs of its steps; returns the records."""
+    records = []
+    for epoch in range(epochs):
+        for step in range(monitor.steps):
+            if monitor.due(step):
+                monitor.observe(epoch, step, outputs(), torch.tensor(loss))
+        records.append(monitor.epoch_record(epoch, loss))
+    return records
+
+
+def test_a_collapsed_representation_is_warned_about_once_and_a_spread_one_is_not(capsys):
+    """Equal outputs for every image: one warning in the first epoch, naming the spread and the
+    causes; Gaussian outputs: none. The records hold the epoch's means."""
+    g = torch.Generator().manual_seed(0)
+    monitor = health.HealthMonitor("simclr", 5.0, print_freq=2, steps=4, causes="--lr 9")
+    constant = dict(features=torch.ones(16, 32), z1=torch.ones(16, 8), z2=torch.ones(16, 8))
+    records = feed_monitor(monitor, lambda: constant, 4.0, epochs=2)
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1 and "collapsed at epoch 1 step 2" in out, out
+    assert "spread 0.000" in out and "--lr 9" in out and "The run goes on" in out
+    assert records[0]["spread_z"] == 0 and records[0]["rank_z"] == pytest.approx(1, abs=1e-3)
+    monitor = health.HealthMonitor("simclr", 5.0, print_freq=2, steps=4, causes="--lr 9")
+    records = feed_monitor(monitor, lambda: {k: torch.randn(16, 8, generator=g)
+                                             for k in ("features", "z1", "z2")}, 4.0, epochs=2)
+    assert "warning" not in capsys.readouterr().out
+    assert records[1]["spread_z"] > 0.8 and records[1]["rank_max"] == 8
+    assert records[1]["chance"] == 5.0
+
+
+def test_a_loss_at_chance_for_a_whole_epoch_after_the_first_is_warned_about(capsys):
+    """MoCo at log(K + 1) all of epoch 2: warned, once; epoch 1, which starts at chance, is not."""
+    g = torch.Generator().manual_seed(0)
+    chance = health.chance_loss("moco", 8, 64)
+    monitor = health.HealthMonitor("moco", chance, print_freq=1, steps=2, causes="--lr 1")
+    feed_monitor(monitor, lambda: {k: torch.randn(16, 8, generator=g)
+                                   for k in ("features", "z1", "z2")}, chance, epochs=3)
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1 and "sat at chance (4.174) for all of epoch 2" in out, out
+
+
+def test_a_constant_encoder_is_warned_about_within_one_epoch_of_a_real_run(tmp_path, monkeypatch,
+                                                                          capsys):
+    """train.py pretrain with a backbone whose features are the same for every image: the warning
+    comes in epoch 1, the run goes on and ends, log.jsonl holds the measures, health.png exists."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    monkeypatch.setattr(models.ResNet, "forward_features",
+                        lambda self, x: torch.ones(x.shape[0], self.feature_dim) + 0 * x.mean())
+    train.main(pretrain_argv(root, tmp_path / "run", "--method", "simclr", "--knn-every", "0"))
+    out = capsys.readouterr().out
+    assert "warning: the representation collapsed at epoch 1" in out, out
+    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["epoch"] for r in records] == [1, 2] and records[0]["spread_z"] == 0
+    assert Image.open(tmp_path / "run" / "health.png").size == (1200, 800)
+
+
+def test_a_healthy_tiny_run_records_the_measures_and_no_health_records_none(tmp_path, capsys):
+    """BYOL, SimCLR and MoCo on generated images: every measure in every record, strict JSON, the
+    progress line shows the rank, no warning; --no-health: no measure and no health.png."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    keys = {"rank", "rank_z", "spread_z", "align", "uniform", "cos_pos", "cos_neg", "rank_max"}
+    for method in ("byol", "simclr", "moco"):
+        train.main(pretrain_argv(root, tmp_path / method, "--method", method, "--knn-every", "0",
+                                 "--epochs", "1"))
+        out = capsys.readouterr().out
+        assert "rank " in out and "/8" in out and "warning" not in out, out
+        text = (tmp_path / method / "log.jsonl").read_text()
+        record = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl"))
+        assert keys <= set(record) and ("chance" in record) == (method != "byol"), record
+        assert (tmp_path / method / "health.png").exists()
+    train.main(pretrain_argv(root, tmp_path / "off", "--no-health", "--epochs", "1"))
+    record = json.loads((tmp_path / "off" / "log.jsonl").read_text())
+    assert not keys & set(record) and not (tmp_path / "off" / "health.png").exists()
+    assert "rank " not in capsys.readouterr().out
+
+
 # ----- faults: a failed run fails, an interrupted run keeps its work, no flag crashes it ---------
 
 def run_child(argv, cwd, script="train.py", **kwargs):
@@ -1126,8 +1240,8 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_is_taken_ov
     (tmp_path / "run" / "checkpoint.pt.999.tmp").write_text("half a checkpoint")
     train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1"))
     assert "is gone, taking the folder over" in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "config.json", "log.jsonl",
-                                                    "summary.json"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "config.json", "health.png",
+                                                    "log.jsonl", "summary.json"]
 
 
 def test_interrupt_restores_the_previous_signal_handlers_even_when_the_loop_raises():
@@ -1465,8 +1579,8 @@ def test_only_rank_0_prints_and_writes_and_a_split_is_decoded_once_per_node(two_
     """One config.json, log.jsonl (each epoch once), summary.json and checkpoint in --save-dir, and
     one progress line an epoch; rank 1 read the cache that rank 0 decoded."""
     tmp, _, out = two_processes
-    assert sorted(os.listdir(tmp / "two")) == ["checkpoint.pt", "config.json", "log.jsonl",
-                                               "summary.json"]
+    assert sorted(os.listdir(tmp / "two")) == ["checkpoint.pt", "config.json", "health.png",
+                                               "log.jsonl", "summary.json"]
     assert json.load(open(tmp / "two" / "config.json"))["world_size"] == 2
     assert json.load(open(tmp / "two" / "summary.json"))["knn_top1"] is not None
     assert out.count("epoch 2/2 step 4/4") == 1 and out.count("config: ") == 1
@@ -1887,7 +2001,8 @@ def test_a_tiny_study_reports_a_quarter_of_the_flops_at_half_size_and_reuses_fin
                       "--arms", "full-64,half-32,total-1000-32")
     first = study.main(argv)
     folder = tmp_path / "study"
-    for name in ("results.md", "results.json", "compute_knn.png", "loss.png", "knn.png"):
+    for name in ("results.md", "results.json", "compute_knn.png", "loss.png", "knn.png",
+                 "rank.png"):
         assert (folder / name).exists(), f"the study wrote no {name}"
     assert Image.open(folder / "compute_knn.png").size == (900, 520)
     results = json.loads((folder / "results.json").read_text())

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import augment
 import data
+import health
 import models
 import runs
 import s3l
@@ -165,6 +166,9 @@ def add_pretrain_parser(commands) -> None:
                    "else 0)")
     p.add_argument("--init-from", help="multi-stage resolution: continue from this earlier stage's "
                    "checkpoint at the new --input-size, with a fresh optimizer and schedule")
+    p.add_argument("--health", action=argparse.BooleanOptionalAction, default=True, help="label-"
+                   "free health every --print-freq steps (health.py: effective rank, spread, "
+                   "alignment, uniformity), a collapse warning, health.png")
     p.add_argument("--knn-every", type=number(int, 0), default=10, help="kNN monitor every N "
                    "epochs and at the end (0: only at the end), when labels are available")
     p.add_argument("--knn-train", help="labelled folder for the kNN memory bank (default: the "
@@ -420,23 +424,6 @@ def resolve_architecture(args, state=None, input_size=None) -> Architecture:
     return Architecture(arch, conv5 if args.conv5 is None else args.conv5, small_stem, size)
 
 
-def load_pretrained(model, state: dict, path: str, keep_conv5: bool) -> None:
-    """Load a backbone state into a ResNet. A conv5 that is not kept (keep_conv5=False) or not in
-    the checkpoint (small architecture) starts freshly initialised, and a line says so."""
-    had_conv5 = any(k.startswith("layer4.") for k in state)
-    if not keep_conv5:
-        state = {k: v for k, v in state.items() if not k.startswith("layer4.")}
-    allow = ("fc.",)
-    if model.layer4 is not None and not (keep_conv5 and had_conv5):
-        allow += ("layer4.",)
-        why = "left unused" if had_conv5 else "not in the checkpoint (small architecture)"
-        print(f"{path}: conv5 (layer4) {why}: it starts freshly initialised")
-    try:
-        runs.load_backbone(model, state, allow)
-    except ValueError as e:
-        raise SystemExit(f"--pretrained {path}: {e}") from None
-
-
 # ----- a run: its log, its bookkeeping (runs.Run), its summary -----------------------------------
 
 def due(epoch: int, epochs: int, every: int) -> bool:
@@ -621,17 +608,18 @@ def pretrain(args) -> dict:
     trained = (args.epochs - run.start["epoch"]) * stage["images_per_epoch"]
     return summarize(args, run.log, runtime, architecture=architecture, stages=run.all_stages(),
                      method=args.method, final_loss=record.get("loss"), knn_top1=knn,
-                     macs_per_image=stage["macs_per_image"],
+                     macs_per_image=stage["macs_per_image"], train_images=n,
                      images_per_s=round(trained / (time.time() - loop_start), 1),
-                     train_images=n, skipped_files=len(train_store.skipped))
+                     skipped_files=len(train_store.skipped),
+                     health={k: v for k, v in record.items() if k in health.KEYS} or None)
 
 
 def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, knn_sets,
               architecture: Architecture):
     """The pretraining loop, the same for every method: per step, two views of a batch, then
-    loss = method(view1, view2), backward and SGD (pretrain_step); per epoch, the kNN monitor where
-    labels exist, a log record and a checkpoint (run: runs.Run). Returns (the last epoch's record,
-    the last kNN top-1 or None)."""
+    loss = method(view1, view2), backward and SGD (pretrain_step), label-free health every
+    --print-freq steps; per epoch, the kNN monitor where labels exist, a log record, a checkpoint
+    (run: runs.Run). Returns (the last epoch's record, the last kNN top-1 or None)."""
     model = runtime.wrap(torch.compile(method) if args.compile else method)  # DDP under torchrun
     apply = torch.compile(augmenter.apply) if args.compile else augmenter.apply  # one fused graph
     group = args.batch_size if args.sync_bn else args.bn_batch or \
@@ -639,7 +627,7 @@ def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, k
     print(f"pretraining {args.method} {architecture.arch} conv5={architecture.conv5} at "
           f"{architecture.input_size} px on {len(train_store)} images: {run.num_steps} steps an "
           f"epoch, BN groups of {group} images")
-    record, knn = {}, None
+    record, knn, monitor = {}, None, runs.health_monitor(args, runtime, run.num_steps, group)
     with run:
         for epoch in run.epochs():
             method.train()
@@ -652,12 +640,17 @@ def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, k
                                               run.generator, runtime, apply)
                 loss = pretrain_step(model, run.state, runtime, view1, view2)
                 run.step_done(step, loss, lr)
+                if monitor and monitor.due(step):  # label-free health, on the step's outputs
+                    monitor.observe(epoch, step, method.outputs, loss)
             record = run.epoch_record()
+            record.update(monitor.epoch_record(epoch, record["loss"]) if monitor else {})
             if knn_sets[0] is not None and due(epoch, args.epochs, args.knn_every):
                 knn = knn_eval(method.backbone, *knn_sets, input_size=architecture.input_size,
                                runtime=runtime, k=args.knn_k, t=args.knn_t)
                 record["knn_top1"] = round(knn, 2)
             run.save_epoch(record)
+            if monitor and runtime.is_main:
+                health.draw(args.save_dir)  # health.png from log.jsonl, every epoch
     return record, knn
 
 
@@ -684,7 +677,7 @@ def supervised_setup(args, build_conv5=None):
     torch.manual_seed(args.seed)
     net = built.build(num_classes=len(train_store.classes))
     if state is not None:  # backbone.conv5: the checkpoint's conv5 is used
-        load_pretrained(net, state, args.pretrained, keep_conv5=architecture.conv5)
+        runs.load_pretrained(net, state, args.pretrained, keep_conv5=architecture.conv5)
     stages = ckpt.get("stages", []) if ckpt else []
     return runtime, built, train_store, test_store, net, stages
 
