@@ -5,6 +5,7 @@ that our loop keeps that saving. Rows, each for the same model, batch and resolu
   floor         forward + backward + SGD step of the method on random views already on the device
   s3l           our full step: uint8 store -> gather -> two augmented views on the device -> the
                 same step
+  s3l + health  the same with train.py's label-free health measures every 10 steps (health.py)
   conventional  the official code's way: JPEG decode + per-image PIL augmentation (torchvision 0.7
                 semantics, written with Pillow here) in DataLoader worker processes, then the same
                 step
@@ -22,7 +23,9 @@ kernel launches (aten ops on a CPU) and batch_norm calls per step.
   --profile adds torch.profiler's top operators of our full step; --compile checks compiled = eager.
 """
 import argparse
+import contextlib
 import copy
+import io
 import math
 import os
 import random
@@ -35,6 +38,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 import augment
 import data
+import health
 import models
 import runs
 import s3l
@@ -260,6 +264,8 @@ def method_rows(args, rows: list, name: str, paths: list, our_views, runtime) ->
     ours = timed(lambda: step(*our_views()), args.warmup, args.steps, bs, dev)
     measured(rows, name, "s3l", ours)
     hardware_line(args, name, method, ours, lambda: step(*our_views()), runtime)
+    with_health = health_step(method, name, lambda: step(*our_views()), runtime)
+    measured(rows, name, "s3l + health", timed(with_health, args.warmup, args.steps, bs, dev))
     loader = torch.utils.data.DataLoader(JpegTwoViews(paths, args.input_size), batch_size=bs,
                                          shuffle=True, num_workers=args.workers, drop_last=True,
                                          persistent_workers=args.workers > 0,
@@ -274,6 +280,34 @@ def method_rows(args, rows: list, name: str, paths: list, our_views, runtime) ->
     measured(rows, name, "conventional", conv)
     if args.profile and name == args.methods[0]:
         profile(lambda: step(*our_views()), runtime)
+
+
+def health_step(method, name: str, step, runtime, print_freq: int = 10):
+    """Our full step with train.py's label-free health (health.py) every print_freq steps, as the
+    loop runs it; prints what one measurement costs next to print_freq plain steps."""
+    monitor = health.HealthMonitor(name, None, print_freq, steps=10 ** 9, causes="")
+    count, quiet = [0], contextlib.redirect_stdout(io.StringIO())  # no progress figure here
+
+    def stepped():
+        loss, i = step(), count[0]
+        count[0] += 1
+        if monitor.due(i):
+            with quiet:
+                monitor.observe(0, i, method.outputs, loss)
+    for _ in range(3):  # each kind of call warmed up
+        stepped()
+    sync(runtime.device)
+    t0 = time.perf_counter()
+    step()
+    sync(runtime.device)
+    t1 = time.perf_counter()
+    with quiet:
+        monitor.observe(0, 0, method.outputs, torch.zeros(()))
+    t2 = time.perf_counter()
+    print(f"  {name}: health measures {1e3 * (t2 - t1):.1f} ms every {print_freq} steps of "
+          f"{1e3 * (t1 - t0):.0f} ms = {100 * (t2 - t1) / (print_freq * (t1 - t0)):.2f} % of "
+          "the step", flush=True)
+    return stepped
 
 
 def conventional_step(loader, step, runtime):

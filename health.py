@@ -18,10 +18,10 @@ HealthMonitor, which measures, on the device:
   chance         the loss of a guess: log(K + 1) for MoCo, c x log(2N - 1) for SimCLR (c: its
                  loss scale); BYOL has none, its `cos_pos` is the online-target cosine 1 - loss / 4
 
-Each epoch's record holds the means over its measurements; the progress line shows `rank r/max`.
-A run that collapses or sits at chance for a whole epoch gets one warning saying what to try; it
-goes on. health.png draws a run's log; `chart` and `nice_ticks` are the small pillow plotting that
-study.py uses as well.
+Each epoch's record holds the means over its measurements; the progress line shows `rank r/max
+spread s` (the features' rank, the projections' spread). A run that collapses or sits at chance for
+a whole epoch gets one warning saying what to try; it goes on. health.png draws a run's log;
+`chart` and `nice_ticks` are the small pillow plotting that study.py uses as well.
 """
 import json
 import math
@@ -100,7 +100,9 @@ KEYS = ("rank", "rank_z", "spread_z", "align", "uniform", "cos_pos", "cos_neg", 
 # above 0.8 and rank_z above 20 of 128 from its first epoch on, while an untrained ResNet's
 # projections already sit near spread_z 0.2 (their cosines near 0.9). A loss within 1 % of chance
 # over a whole epoch, after the first (which starts there), means nothing is being told apart.
-COLLAPSE_SPREAD, COLLAPSE_RANK_SHARE, CHANCE_MARGIN = 0.1, 0.02, 0.01
+COLLAPSE_SPREAD = 0.1  # spread_z below this: collapsed
+COLLAPSE_RANK_SHARE = 0.02  # or rank_z below this share of min(N, D)
+CHANCE_MARGIN = 0.01  # a loss within 1 % of chance: at chance
 
 
 class HealthMonitor:
@@ -120,8 +122,8 @@ class HealthMonitor:
 
     def observe(self, epoch: int, step: int, outputs: dict, loss: torch.Tensor) -> None:
         """At a due step (the loop asks): measure `outputs` (a method's), read the values back,
-        add them to the epoch's sums, append `rank r/max` to the progress line and note when a
-        collapse began."""
+        add them to the epoch's sums, append `rank r/max spread s` to the progress line and note
+        when a collapse began."""
         values = measure(outputs)
         if self.method == "byol":  # byol_loss = 2 - 2 cos for each of the two directions
             values["cos_pos"] = 1 - loss.detach().float() / 4
@@ -130,7 +132,8 @@ class HealthMonitor:
             self.sums.setdefault(k, []).append(v)
         h, z = outputs["features"], outputs["z1"]
         self.rank_max = (min(h.shape), min(z.shape))
-        print(f"rank {values['rank']:.0f}/{self.rank_max[0]}   ", end="", flush=True)
+        print(f"rank {values['rank']:.0f}/{self.rank_max[0]} spread {values['spread_z']:.2f}   ",
+              end="", flush=True)
         collapsed = values["spread_z"] < COLLAPSE_SPREAD or \
             values["rank_z"] < COLLAPSE_RANK_SHARE * self.rank_max[1]  # NaN: not collapsed
         if not collapsed:

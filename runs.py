@@ -12,8 +12,9 @@ paper (S3L, arXiv 2103.13559: every stage of its recipe is one such loop).
   processes    torchrun_ranks, world_size, torchrun_scope (rank 0 prints; the group is left at the
                end), local_rank_0_first, broadcast_buffers, mean_over_processes (the meter's
                read-backs, so every process takes the same decision to stop)
-  how it runs  Runtime, setup_device: device, precision and channels_last, decided here, once;
-               under torchrun the process group, each process's share of a batch, DDP;
+  how it runs  Runtime, setup_device, runtime_for (the flags'): device, precision and
+               channels_last, decided here, once; under torchrun the process group, each
+               process's share of a batch, DDP;
                centre_view_outputs, extract_features, classify_top1 (evaluation on centre
                views, shared out over the processes)
   records      RunLog (config.json, log.jsonl, summary.json: always valid JSON), EpochMeter (loss
@@ -684,6 +685,15 @@ def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = 
 # ----- evaluation over the processes -------------------------------------------------------------
 
 @torch.no_grad()
+def runtime_for(args) -> Runtime:
+    """The device, precision and processes every stage of the recipe (paper map) runs with, from
+    the flags (setup_device); --sync-bn checked against the device."""
+    runtime = setup_device(args.device, args.amp, args.channels_last, args.tf32)
+    if getattr(args, "sync_bn", False) and runtime.device.type != "cuda":
+        raise SystemExit("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm has no CPU kernel")
+    return runtime
+
+
 def centre_view_outputs(fn, store, input_size: int, runtime: Runtime,
                         batch_size: int = 256) -> torch.Tensor:
     """fn(centre views) for every image of `store`, in order: (N, ...). Under torchrun each process
@@ -960,7 +970,7 @@ NOT_DEFINING = {"resume", "force_resume", "start_over", "save_dir", "device", "a
 
 # settings that decide the shapes of the weights: a resumed run can never change them
 SHAPE_DEFINING = {"arch", "conv5", "small_stem", "method", "dim", "head", "moco_k",
-                  "byol_hidden_dim"}
+                  "byol_hidden_dim", "byol_predictor"}
 
 
 def files_digest(paths) -> str:

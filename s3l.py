@@ -409,16 +409,17 @@ class BYOL(nn.Module):
     loss in [0, 8]. The target moves by EMA at the start of each forward, which equals the official
     update after each optimizer step. BN sees one view of one GPU's images at a time, as the
     official builder runs each view separately: 2 x bn_splits groups over cat([view1, view2]).
+    predictor=False: the ablation of BYOL's Table 5b, which collapses (README, health).
     """
 
     def __init__(self, encoder: nn.Module, dim: int = 128, hidden_dim: int = 4096,
-                 tau: float = 0.99, bn_splits: int = 1):
+                 tau: float = 0.99, bn_splits: int = 1, predictor: bool = True):
         super().__init__()
         encoder.fc = mlp([encoder.feature_dim, hidden_dim, dim], batchnorm=True)
         # BN group s < bn_splits is view 1's chunk s, group bn_splits + s view 2's chunk s
         self.online = split_batchnorm_(encoder, 2 * bn_splits)
         self.predictor = split_batchnorm_(mlp([dim, hidden_dim, dim], batchnorm=True),
-                                          2 * bn_splits)
+                                          2 * bn_splits) if predictor else nn.Identity()
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self.tau, self.bn_splits = tau, bn_splits
 

@@ -928,7 +928,7 @@ def test_fp16_gradient_scaler_path_runs_on_cpu_when_forced(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="--amp fp16 needs a CUDA GPU"):
         train.main(pretrain_argv(root, tmp_path / "refused", "--amp", "fp16"))
     forced = runs.Runtime(torch.device("cpu"), torch.float16, True, "fp16: forced on CPU")
-    monkeypatch.setattr(train, "runtime_for", lambda args: forced)
+    monkeypatch.setattr(runs, "runtime_for", lambda args: forced)
     train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1"))
     assert json.load(open(tmp_path / "run" / "summary.json"))["device"] == forced.reason
 
@@ -955,6 +955,18 @@ def test_simclr_and_byol_warm_up_10_epochs_only_above_a_batch_of_256(method, bat
     assert args.warmup_epochs == warmup
     args = train.parse_args(["pretrain", "--method", method, "--warmup-epochs", "3"])
     assert args.warmup_epochs == 3
+
+
+def test_byol_keeps_its_predictor_unless_asked_for_the_ablation_that_collapses():
+    """--no-byol-predictor (BYOL's Table 5b ablation, README's collapsed run) builds no predictor
+    and is shape-defining for --resume; the default builds BYOL's Linear-BN-ReLU-Linear."""
+    args = train.parse_args(["pretrain", "--method", "byol", "--byol-hidden-dim", "16"])
+    assert args.byol_predictor is True
+    predictor = train.build_method(args, models.resnet18()).predictor
+    assert [type(m).__name__ for m in predictor] == ["Linear", "SplitBatchNorm", "ReLU", "Linear"]
+    args = train.parse_args(["pretrain", "--method", "byol", "--no-byol-predictor"])
+    assert isinstance(train.build_method(args, models.resnet18()).predictor, torch.nn.Identity)
+    assert "byol_predictor" in runs.SHAPE_DEFINING
 
 
 def test_every_value_of_the_defaults_blocks_has_a_comment():
@@ -1078,7 +1090,7 @@ def test_a_healthy_tiny_run_records_the_measures_and_no_health_records_none(tmp_
         train.main(pretrain_argv(root, tmp_path / method, "--method", method, "--knn-every", "0",
                                  "--epochs", "1"))
         out = capsys.readouterr().out
-        assert "rank " in out and "/8" in out and "warning" not in out, out
+        assert "rank " in out and "/8 spread " in out and "warning" not in out, out
         text = (tmp_path / method / "log.jsonl").read_text()
         record = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl"))
         assert keys <= set(record) and ("chance" in record) == (method != "byol"), record
@@ -1856,7 +1868,8 @@ def test_bench_prints_every_row_as_measured_and_in_the_table_with_positive_finit
     rows = bench.run(args)
     expected = [("augment", "s3l batched"), ("augment", "PIL per image"),
                 ("augment", "PIL decode+aug")] + [
-        (m, p) for m in ("moco", "simclr", "byol") for p in ("floor", "s3l", "conventional")]
+        (m, p) for m in ("moco", "simclr", "byol")
+        for p in ("floor", "s3l", "s3l + health", "conventional")]
     assert [(m, p) for m, p, _ in rows] == expected
     assert all(math.isfinite(rate) and rate > 0 for _, _, rate in rows)
     printed = capsys.readouterr().out
@@ -1867,6 +1880,8 @@ def test_bench_prints_every_row_as_measured_and_in_the_table_with_positive_finit
     for m in ("moco", "simclr", "byol"):  # how close to the hardware, per method
         assert re.search(rf"  {m}: [0-9.]+ TFLOP/s \(2 x .* passes .*% of the bf16 matmul rate "
                          r".*per step \d+ aten ops, \d+ batch_norm calls", printed), m
+        assert re.search(rf"  {m}: health measures [0-9.]+ ms every 10 steps of [0-9]+ ms = "
+                         r"[0-9.]+ % of the step", printed), m
 
 
 # ----- the project's shape: imports point one way ------------------------------------------------
@@ -1974,11 +1989,13 @@ def test_the_pieces_the_readme_names_run_copied_into_a_module_alone(tmp_path):
               "assert views[0].shape == (4, 3, 16, 16)\n"
               "moco = p.MoCo(p.resnet18(), moco_k=8, bn_splits=2)\n"
               "moco(*views).backward()\n"
-              "print('pieces ok', sorted(set(sys.modules) & {'s3l', 'data', 'models'}))")
+              "health = p.measure(moco.outputs)  # label-free health of the step's outputs\n"
+              "assert 1 <= health['rank'].item() <= 4 and health['uniform'].item() <= 0\n"
+              "print('pieces ok', sorted(set(sys.modules) & {'s3l', 'data', 'models', 'health'}))")
     out = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "pieces ok []" in out.stdout, out.stderr[-2000:]
-    assert len(rows) == 4
+    assert len(rows) == 5
 
 
 # ----- the study: grids of commands, cost accounting, report (study.py) ---------------------------

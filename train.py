@@ -10,7 +10,7 @@
   torchrun --nproc_per_node N train.py pretrain ...   any training command on N GPUs (DDP)
 
 README.md's "Paper map" says which paper section and official script each stage reproduces, its
-"Reading order" which functions one step runs through. Here: defaults, parser, device and data
+"Reading order" which functions one step runs through. Here: defaults, parser, data
 from the flags, the architecture, a run's bookkeeping (runs.Run), kNN, one training step
 (pretrain_step, supervised_step: what bench.py times), the pretraining loop, the supervised loop,
 the default job, main. Losses, methods, mixup and the lr schedules live in s3l.py, ResNets in
@@ -57,7 +57,8 @@ METHOD_DEFAULTS = {
                  batch_size=128, bn_batch=32,  # 4 GPUs x 32 images, BN per view
                  epochs=800, warmup_epochs=10,  # warm-up as SimCLR's rule: only above 256 a batch
                  byol_tau=0.99,  # target EMA, constant (no cosine ramp to 1)
-                 byol_hidden_dim=4096),  # projector/predictor hidden width (output: --dim 128)
+                 byol_hidden_dim=4096,  # projector/predictor hidden width (output: --dim 128)
+                 byol_predictor=True),  # False: BYOL's Table 5b ablation, a collapse
 }
 WARMUP_MIN_BATCH = 256  # images: the official code warms up only when the batch exceeds this
 
@@ -149,6 +150,8 @@ def add_pretrain_parser(commands) -> None:
                    "process's own 2n - 2 negatives (the official per-GPU ones), not the whole "
                    "batch's gathered from every process")
     p.add_argument("--byol-tau", type=number(float, 0, 1), help="BYOL target EMA, constant")
+    p.add_argument("--byol-predictor", action=argparse.BooleanOptionalAction, help="BYOL's "
+                   "predictor; --no-byol-predictor: BYOL's ablation that collapses (on purpose)")
     p.add_argument("--byol-hidden-dim", type=number(int, 1), help="BYOL projector/predictor "
                    "hidden width")
     p.add_argument("--bn-batch", type=number(int, 0), help="images per BatchNorm group, emulating "
@@ -361,16 +364,7 @@ def parse_args(argv) -> argparse.Namespace:
     return argparse.Namespace(**settings)
 
 
-# ----- device and data, from the flags ------------------------------------------------------------
-
-def runtime_for(args) -> runs.Runtime:
-    """The device, precision and processes every stage of the recipe (paper map) runs with
-    (runs.setup_device); --sync-bn checked against the device."""
-    runtime = runs.setup_device(args.device, args.amp, args.channels_last, args.tf32)
-    if getattr(args, "sync_bn", False) and runtime.device.type != "cuda":
-        raise SystemExit("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm has no CPU kernel")
-    return runtime
-
+# ----- data, from the flags (the device: runs.runtime_for) ----------------------------------------
 
 def store_args(args, runtime: runs.Runtime) -> dict:
     """data.load_store's settings from the flags: --store-size (small resolution, paper map), the
@@ -540,7 +534,7 @@ def build_method(args, encoder, processes: int = 1) -> torch.nn.Module:
                           base_temperature=args.simclr_base_t, bn_splits=bn_splits,
                           gather_negatives=not args.simclr_local_negatives, head=args.head)
     return s3l.BYOL(encoder, dim=args.dim, hidden_dim=args.byol_hidden_dim, tau=args.byol_tau,
-                    bn_splits=bn_splits)
+                    bn_splits=bn_splits, predictor=args.byol_predictor)
 
 
 def init_from(method, path: str, architecture: Architecture, method_name: str) -> list:
@@ -573,7 +567,7 @@ def pretrain(args) -> dict:
     """Self-supervised pretraining, step 1 of the S3L recipe (paper map); returns the summary."""
     resumed = runs.resume_checkpoint(args.resume, args.command, args.method, args.epochs)
     architecture = resolve_architecture(args)  # a resumed run: its config's (runs.check_resume)
-    runtime = runtime_for(args)
+    runtime = runs.runtime_for(args)
     train_store = data.load_train_store(args.data, args.train_split, architecture.input_size,
                                         min_crop_scale=args.crop_scale[0],
                                         **train_split_args(args, runtime))
@@ -669,7 +663,7 @@ def supervised_setup(args, build_conv5=None):
     size = ckpt_size if own_size else STAGE_DEFAULTS[args.command]["input_size"]
     architecture = resolve_architecture(args, state, input_size=size)
     built = architecture if build_conv5 is None else replace(architecture, conv5=build_conv5)
-    runtime = runtime_for(args)
+    runtime = runs.runtime_for(args)
     test_split = args.test_split or data.default_eval_split(args.data)
     train_store, test_store = data.labelled_splits(
         args.data, args.train_split, test_split, built.input_size, command=args.command,
@@ -881,7 +875,7 @@ def default_job(job=DEFAULT_JOB) -> None:
     t0 = time.time()
     args = parse_args(job)
     summary = run_command(args)
-    runtime = runtime_for(args)
+    runtime = runs.runtime_for(args)
     architecture = resolve_architecture(args)
     store = store_args(args, runtime)
     bank = data.load_store(args.data, "train", args.input_size, min_crop_scale=args.crop_scale[0],
