@@ -8,6 +8,7 @@ HealthMonitor, which measures, on the device:
   rank, rank_z   effective rank (RankMe, Garrido et al. 2023, arXiv 2210.02885): exp of the entropy
                  of the normalised singular values of the backbone features (N, d) and of the
                  projections (N, D); at most min(N, d): one batch cannot show more
+                 (rank_share, rank_z_share: as a share of that bound)
   spread_z       per-dimension std of the L2-normalised projections x sqrt(D): about 1 when they
                  fill the sphere, 0 when every image maps to one point (the BYOL/SimSiam collapse
                  signal; Chen & He 2021, arXiv 2011.10566, Sec. 4.1, compare it with 1/sqrt(D))
@@ -90,7 +91,7 @@ def chance_loss(method: str, batch: int, moco_k: int, loss_scale: float = 1.0):
 
 
 KEYS = ("rank", "rank_z", "spread_z", "align", "uniform", "cos_pos", "cos_neg", "chance",
-        "rank_max", "rank_z_max")  # what a record holds; summary.json's "health": the last epoch's
+        "rank_max", "rank_z_max", "rank_share", "rank_z_share")  # what a record holds; summary.json's "health": the last epoch's
 
 
 # ----- the monitor: per-epoch means, the progress figure, the collapse warning ------------------
@@ -150,7 +151,9 @@ class HealthMonitor:
         record = {k: round(sum(v) / len(v), 4) for k, v in self.sums.items() if v}
         if not record:
             return {}
-        record.update(rank_max=self.rank_max[0], rank_z_max=self.rank_max[1])
+        record.update(rank_max=self.rank_max[0], rank_z_max=self.rank_max[1],  # min(N, d)
+                      rank_share=round(record["rank"] / self.rank_max[0], 4),
+                      rank_z_share=round(record["rank_z"] / self.rank_max[1], 4))
         if self.chance is not None:
             record["chance"] = round(self.chance, 4)
         self.sums = {}

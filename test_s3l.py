@@ -1085,7 +1085,8 @@ def test_a_healthy_tiny_run_records_the_measures_and_no_health_records_none(tmp_
     """BYOL, SimCLR and MoCo on generated images: every measure in every record, strict JSON, the
     progress line shows the rank, no warning; --no-health: no measure and no health.png."""
     root = make_folder(tmp_path / "data", classes=2, per_class=8)
-    keys = {"rank", "rank_z", "spread_z", "align", "uniform", "cos_pos", "cos_neg", "rank_max"}
+    keys = {"rank", "rank_z", "spread_z", "align", "uniform", "cos_pos", "cos_neg", "rank_max",
+            "rank_share", "rank_z_share"}
     for method in ("byol", "simclr", "moco"):
         train.main(pretrain_argv(root, tmp_path / method, "--method", method, "--knn-every", "0",
                                  "--epochs", "1"))
