@@ -1025,6 +1025,11 @@ def test_chance_loss_is_log_k_plus_1_for_moco_and_the_scaled_log_2n_minus_1_for_
     assert health.chance_loss("byol", 128, None) is None
 
 
+def gaussian_outputs(g, n=16, d=8):
+    """A method's `outputs` for a healthy batch: features, z1, z2 drawn from N(0, 1), (n, d) each."""
+    return {k: torch.randn(n, d, generator=g) for k in ("features", "z1", "z2")}
+
+
 def feed_monitor(monitor, outputs, loss, epochs=1):
     """The loop's calls to a HealthMonitor for `epochs` epochs of its steps; returns the records."""
     records = []
@@ -1048,8 +1053,7 @@ def test_a_collapsed_representation_is_warned_about_once_and_a_spread_one_is_not
     assert "spread 0.000" in out and "--lr 9" in out and "The run goes on" in out
     assert records[0]["spread_z"] == 0 and records[0]["rank_z"] == pytest.approx(1, abs=1e-3)
     monitor = health.HealthMonitor("simclr", 5.0, print_freq=2, steps=4, causes="--lr 9")
-    records = feed_monitor(monitor, lambda: {k: torch.randn(16, 8, generator=g)
-                                             for k in ("features", "z1", "z2")}, 4.0, epochs=2)
+    records = feed_monitor(monitor, lambda: gaussian_outputs(g), 4.0, epochs=2)
     assert "warning" not in capsys.readouterr().out
     assert records[1]["spread_z"] > 0.8 and records[1]["rank_max"] == 8
     assert records[1]["chance"] == 5.0
@@ -1060,8 +1064,7 @@ def test_a_loss_at_chance_for_a_whole_epoch_after_the_first_is_warned_about(caps
     g = torch.Generator().manual_seed(0)
     chance = health.chance_loss("moco", 8, 64)
     monitor = health.HealthMonitor("moco", chance, print_freq=1, steps=2, causes="--lr 1")
-    feed_monitor(monitor, lambda: {k: torch.randn(16, 8, generator=g)
-                                   for k in ("features", "z1", "z2")}, chance, epochs=3)
+    feed_monitor(monitor, lambda: gaussian_outputs(g), chance, epochs=3)
     out = capsys.readouterr().out
     assert out.count("warning:") == 1 and "sat at chance (4.174) for all of epoch 2" in out, out
 
