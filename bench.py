@@ -20,7 +20,8 @@ kernel launches (aten ops on a CPU) and batch_norm calls per step.
   python bench.py                     ResNet-18, 64 px, batch 128, MoCo/SimCLR/BYOL
   python bench.py --data data/flowers102 --photo-size 500 375 --input-size 32
                                       the same on CUB-sized photos, at 32 px
-  --profile adds torch.profiler's top operators of our full step; --compile checks compiled = eager.
+  --profile adds torch.profiler's top operators of our full step; --compile checks compiled = eager;
+  --cuda-graphs times the step captured as a CUDA graph (train.py --cuda-graphs).
 """
 import argparse
 import contextlib
@@ -134,7 +135,8 @@ def make_method(args, name, runtime):
     """`name` built as train.py builds it, from train.py's own resolved flags (the method's paper
     defaults; the queue fitted to whole batches).
 
-    Returns (method, model (compiled or not), train_step(view1, view2)): train.pretrain_step.
+    Returns (method, model (compiled or not), train_step(view1, view2)): train.pretrain_step,
+    or with --cuda-graphs its CUDA graph (runs.GraphedStep), as train.py runs it.
     """
     bs, moco_k = args.batch_size, train.METHOD_DEFAULTS["moco"]["moco_k"]
     flags = train.parse_args(["pretrain", "--method", name, "--arch", args.arch, "--batch-size",
@@ -146,8 +148,9 @@ def make_method(args, name, runtime):
     optimizer = runtime.sgd(method.parameters(), flags.lr, flags.momentum, flags.weight_decay)
     state = runs.TrainState(method, optimizer, runtime.scaler())
     model = torch.compile(method) if args.compile else method
-    return method, model, lambda view1, view2: train.pretrain_step(model, state, runtime, view1,
-                                                                   view2)
+    step = runs.graphed_step(args, runtime, lambda *views: train.pretrain_step(
+        model, state, runtime, *views), optimizer, warmup=max(args.warmup - 1, 1))
+    return method, model, step  # --cuda-graphs: captured within the floor row's warm-up
 
 
 def compile_gap(method, model, views, runtime) -> float:
@@ -426,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile the model and the "
                    "augmentation, and print |loss compiled - eager| on one batch")
+    p.add_argument("--cuda-graphs", action="store_true", help="the step as one CUDA graph, "
+                   "as train.py --cuda-graphs (one GPU, bf16 or fp32; not with --compile)")
     p.add_argument("--profile", action="store_true", help="print the top operators of our full "
                    "step (first method)")
     p.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, help="per-GPU BN in one "

@@ -90,8 +90,9 @@ def chance_loss(method: str, batch: int, moco_k: int, loss_scale: float = 1.0):
     return None
 
 
+# what a record holds; summary.json's "health": the last epoch's
 KEYS = ("rank", "rank_z", "spread_z", "align", "uniform", "cos_pos", "cos_neg", "chance",
-        "rank_max", "rank_z_max", "rank_share", "rank_z_share")  # what a record holds; summary.json's "health": the last epoch's
+        "rank_max", "rank_z_max", "rank_share", "rank_z_share")
 
 
 # ----- the monitor: per-epoch means, the progress figure, the collapse warning ------------------

@@ -341,6 +341,8 @@ class TrainState:
     def resume(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # a float again (GraphedStep made it a tensor)
+            group["lr"] = float(group["lr"])
         self.scaler.load_state_dict(ckpt["scaler"])
 
 
@@ -692,6 +694,72 @@ def runtime_for(args) -> Runtime:
     if getattr(args, "sync_bn", False) and runtime.device.type != "cuda":
         raise SystemExit("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm has no CPU kernel")
     return runtime
+
+
+class GraphedStep:
+    """--cuda-graphs: the whole training step (forward, backward, the SGD step, the EMA update,
+    MoCo's queue) captured once as a CUDA graph, then replayed, so that the host launches one graph
+    a step instead of some thousand kernels (BENCHMARKS.md, the GPU step).
+
+    step(*inputs) -> loss: the eager step (train.pretrain_step with its model and state bound);
+    inputs: tensors whose shapes never change, copied into the graph's own before each replay. The
+    first `warmup` calls run eagerly: they make SGD's momentum buffers and let cuDNN choose its
+    algorithms, which a capture cannot. The next call captures, and every call replays.
+    A replay reads only tensors that keep their place: so the learning rate becomes a tensor on
+    the device that s3l.set_lr fills in place (SGD's fused kernel reads it there), and a replay
+    overwrites what the last one returned (the loss, the method's `outputs`): read those first.
+    capture(fn) -> (fn's outputs, replay): a CUDA graph (cuda_graph_capture); tests pass a CPU
+    stand-in that records the step's operations and replays them.
+    """
+
+    def __init__(self, step, optimizer: torch.optim.Optimizer, warmup: int = 3, capture=None):
+        self.step, self.warmup = step, warmup
+        self.capture = capture or cuda_graph_capture
+        self.calls, self.inputs, self.loss, self.replay = 0, None, None, None
+        for group in optimizer.param_groups:
+            device = group["params"][0].device  # CUDA's kernel reads a float32 lr, the CPU's fp64
+            dtype = torch.float32 if device.type == "cuda" else torch.float64
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=dtype, device=device)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return self.step(*inputs)
+        if self.replay is None:
+            self.inputs = [x.clone() for x in inputs]  # clone keeps channels_last
+            self.loss, self.replay = self.capture(lambda: self.step(*self.inputs))
+        else:
+            for static, x in zip(self.inputs, inputs):
+                static.copy_(x)
+        self.replay()
+        return self.loss
+
+
+def cuda_graph_capture(fn):
+    """fn's work captured as a CUDA graph (nothing runs yet): returns (fn's outputs, the graph's
+    replay), which runs it again on the same tensors."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return out, graph.replay
+
+
+def graphed_step(args, runtime: Runtime, step, optimizer: torch.optim.Optimizer,
+                 warmup: int = 3):
+    """The step the loop calls: `step` itself, or with --cuda-graphs a GraphedStep (captured after
+    `warmup` eager steps), where one can be captured (an error names what stands in the way)."""
+    if not args.cuda_graphs:
+        return step
+    why = [reason for reason, stands in (
+        (f"it needs a CUDA device (this run is on {runtime.device.type})",
+         runtime.device.type != "cuda"),
+        ("fp16's gradient scaler reads back every step: use --amp bf16 or off",
+         runtime.amp_dtype == torch.float16),
+        ("one process only, not under torchrun", runtime.distributed),
+        ("--compile makes its own graphs: use one of the two", args.compile)) if stands]
+    if why:
+        raise SystemExit(f"--cuda-graphs: {'; '.join(why)}; or drop --cuda-graphs")
+    return GraphedStep(step, optimizer, warmup)
 
 
 def centre_view_outputs(fn, store, input_size: int, runtime: Runtime,

@@ -513,7 +513,10 @@ def classifier_loss(model, x: torch.Tensor, y: torch.Tensor, mixup_alpha: float 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """The learning rate of every parameter group, as lr_at gives it for the step."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if torch.is_tensor(group["lr"]):  # a CUDA graph reads it from its place (--cuda-graphs)
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def lr_at(epoch: float, epochs: int, base_lr: float, warmup_epochs: float = 0.0, steps=None,

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import augment
 import data
@@ -380,6 +382,108 @@ def test_folded_split_bn_falls_back_to_chunks_on_an_uneven_batch():
     folded = s3l.fold_split_batchnorm_(copy.deepcopy(bn), True)
     x = randn(14, 3, 4, 4, seed=4)
     assert torch.equal(bn(x), folded(x)) and torch.equal(bn.running_var, folded.running_var)
+
+
+class RecordedGraph(TorchDispatchMode):
+    """A CPU stand-in for a CUDA graph (runs.GraphedStep's `capture`), with its semantics: the
+    capture records every aten operation of the step with the tensors it used and made, and leaves
+    nothing changed (what existed before is restored, the RNG too); a replay runs the recorded
+    operations again on the same tensors, writing each result where the capture's went. Python is
+    not run again, so a value the step read on the host (a float learning rate) stays the
+    capture's, exactly as in a CUDA graph; a read-back during capture fails, as on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.before, self.made = [], {}, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError(f"{func}: a read-back to the host inside a CUDA graph capture")
+        # some kernels write into inputs their schema does not mark (batch_norm's running stats)
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor) and id(t) not in self.made | self.before.keys():
+                self.before[id(t)] = (t, t.detach().clone())
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        self.made.update(id(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
+
+    @torch.no_grad()
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            for old, new in zip(tree_flatten(out)[0], tree_flatten(func(*args, **kwargs))[0]):
+                if isinstance(old, torch.Tensor) and old is not new:
+                    old.copy_(new)
+
+    @staticmethod
+    def capture(fn):
+        graph, rng = RecordedGraph(), torch.get_rng_state()
+        with graph:
+            out = fn()
+        with torch.no_grad():
+            for t, value in graph.before.values():
+                t.copy_(value)
+        torch.set_rng_state(rng)
+        return out, graph.replay
+
+
+@pytest.mark.parametrize("where", ["recorded", "cuda"])
+@pytest.mark.parametrize("folded", [False, True])
+@pytest.mark.parametrize("method", ["moco", "simclr", "byol"])
+def test_the_graphed_step_trains_as_the_eager_one(method, folded, where):
+    """--cuda-graphs (runs.GraphedStep): six steps of every method, its BN chunked or folded (the
+    CUDA path), with a new learning rate each step, two warm-up steps, a capture, replays: the
+    same losses, health outputs, weights, buffers (MoCo's queue) and momentum as the eager step.
+    On the CPU through RecordedGraph, where exactly; on a GPU through a real CUDA graph."""
+    if where == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    runtime = runs.setup_device("cuda" if where == "cuda" else "cpu", "auto", True)
+    args = train.parse_args(["pretrain", "--method", method, "--arch", "resnet18", "--batch-size",
+                             "8", "--moco-k", "16", "--bn-batch", "4", "--byol-hidden-dim", "32"])
+    store = data.synthetic_store(16, 20, 0).to(runtime.device, 1 << 30)
+    runs_of = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = train.build_method(args, models.resnet18())
+        model = runtime.place(s3l.fold_split_batchnorm_(model, folded))
+        optimizer = runtime.sgd([p for p in model.parameters() if p.requires_grad], 0.1, 0.9, 1e-4)
+        state = runs.TrainState(model, optimizer, runtime.scaler())
+        step = lambda *views: train.pretrain_step(model, state, runtime, *views)  # noqa: E731
+        if graphed:
+            capture = RecordedGraph.capture if where == "recorded" else None
+            step = runs.GraphedStep(step, optimizer, warmup=2, capture=capture)
+        augmenter, g = augment.SSLAugment(16), torch.Generator(runtime.device).manual_seed(0)
+        seen = []
+        for i in range(6):
+            s3l.set_lr(optimizer, 0.05 * (i + 1))
+            idx = torch.arange(8, device=runtime.device) + 4 * (i % 3)
+            loss = step(*train.pretrain_views(store, idx, augmenter, g, runtime))
+            seen.append((loss.clone(), model.outputs["z1"].clone()))
+        momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()
+                    if p.requires_grad]
+        runs_of.append((seen, model.state_dict(), momentum))
+    (eager, eager_state, eager_momentum), (graph, graph_state, graph_momentum) = runs_of
+    same = torch.equal if where == "recorded" else \
+        (lambda a, b: torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4))
+    for i, ((loss_e, z_e), (loss_g, z_g)) in enumerate(zip(eager, graph)):
+        assert same(loss_e, loss_g) and same(z_e, z_g), (i, loss_e, loss_g)
+    for key in eager_state:
+        assert same(eager_state[key], graph_state[key]), key
+    assert all(same(a, b) for a, b in zip(eager_momentum, graph_momentum))
+
+
+def test_cuda_graphs_name_what_stands_in_their_way():
+    """--cuda-graphs where no graph can be captured (here: the CPU, under --compile) stops before
+    training with every reason and the fix; without the flag the step is the eager one."""
+    args = train.parse_args(["pretrain", "--cuda-graphs", "--compile"])
+    runtime = runs.setup_device("cpu", "auto", True)
+    with pytest.raises(SystemExit) as stop:
+        runs.graphed_step(args, runtime, train.pretrain_step, None)
+    assert "--cuda-graphs: it needs a CUDA device (this run is on cpu)" in str(stop.value)
+    assert "--compile" in str(stop.value)
+    step = train.pretrain_step
+    assert runs.graphed_step(train.parse_args(["pretrain"]), runtime, step, None) is step
 
 
 def test_byol_refuses_the_head_flag(capsys):
@@ -911,6 +1015,28 @@ def test_resumed_run_reaches_the_same_weights_as_an_uninterrupted_one(tmp_path):
     assert full.keys() == resumed.keys()
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
+
+
+def test_a_graphed_run_logs_saves_and_resumes_as_an_eager_one(tmp_path, monkeypatch):
+    """The pretraining loop through a graphed step (RecordedGraph standing in for CUDA): the same
+    losses in log.jsonl and the same weights as the eager run; its epoch-1 checkpoint (its learning
+    rate saved as a tensor) resumes an eager run to the same weights."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    train.main(pretrain_argv(root, tmp_path / "eager"))
+    monkeypatch.setattr(runs, "graphed_step", lambda args, runtime, step, optimizer: (
+        runs.GraphedStep(step, optimizer, warmup=2, capture=RecordedGraph.capture)))
+    train.main(pretrain_argv(root, tmp_path / "graphed", "--save-every", "1"))
+    monkeypatch.undo()
+    train.main(pretrain_argv(root, tmp_path / "resumed", "--resume",
+                             str(tmp_path / "graphed" / "checkpoint_0001.pt")))
+    logs = [[r["loss"] for r in map(json.loads, open(tmp_path / run / "log.jsonl"))]
+            for run in ("eager", "graphed", "resumed")]
+    assert logs[0] == logs[1] and logs[2] == logs[0][1:] and len(logs[0]) == 2  # resumed: epoch 2
+    weights = [torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"]
+               for run in ("eager", "graphed", "resumed")]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+        assert torch.equal(weights[0][key], weights[2][key]), key
 
 
 def test_bf16_autocast_path_trains_on_cpu(tmp_path):

@@ -180,6 +180,7 @@ def add_pretrain_parser(commands) -> None:
     add_knn_args(p)
     add_device_args(p, save_dir="runs/pretrain")
     add_run_args(p)
+    p.add_argument("--cuda-graphs", action="store_true", help="the step as one CUDA graph (1 GPU)")
 
 
 def add_supervised_parsers(commands) -> None:
@@ -453,9 +454,8 @@ def open_run(args, runtime, *, architecture: Architecture, model, params, resume
         (" (fp16 overflows: try --amp bf16 or off)" if "fp16" in runtime.reason else "")
     return runs.Run(runtime, state, run_log(args, runtime, architecture, resumed), resumed,
                     save_dir=args.save_dir, save_every=args.save_every, seed=args.seed,
-                    epochs=args.epochs, steps=steps, batch_size=args.batch_size,
+                    epochs=args.epochs, steps=steps, batch_size=args.batch_size, stages=stages,
                     images=len(train_store), print_freq=args.print_freq, fields=fields,
-                    stages=stages,
                     stage=dict(command=args.command, **asdict(architecture), **stage),
                     results=results, causes=causes)
 
@@ -615,6 +615,8 @@ def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, k
     --print-freq steps; per epoch, the kNN monitor where labels exist, a log record, a checkpoint
     (run: runs.Run). Returns (the last epoch's record, the last kNN top-1 or None)."""
     model = runtime.wrap(torch.compile(method) if args.compile else method)  # DDP under torchrun
+    train_step = runs.graphed_step(args, runtime, lambda *views: pretrain_step(
+        model, run.state, runtime, *views), run.state.optimizer)  # --cuda-graphs
     apply = torch.compile(augmenter.apply) if args.compile else augmenter.apply  # one fused graph
     group = args.batch_size if args.sync_bn else args.bn_batch or \
         args.batch_size // runtime.world_size
@@ -632,7 +634,7 @@ def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, k
                 s3l.set_lr(run.state.optimizer, lr)
                 view1, view2 = pretrain_views(train_store, run.batch(step), augmenter,
                                               run.generator, runtime, apply)
-                loss = pretrain_step(model, run.state, runtime, view1, view2)
+                loss = train_step(view1, view2)
                 run.step_done(step, loss, lr)
                 if monitor and monitor.due(step):  # label-free health, on the step's outputs
                     monitor.observe(epoch, step, method.outputs, loss)
