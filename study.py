@@ -240,6 +240,9 @@ def run_arm(arm: Arm, seed: int, s: dict) -> dict:
     record["commands"] = [shlex.join(["python", "train.py", *st.argv, "--save-dir", st.folder])
                           for st in pretrain + [st for chain in evals.values() for st in chain]]
     curves = [read_log(st.folder) for st in pretrain]
+    # the median epoch: the first one's cuDNN autotuning or graph capture left out
+    seconds = [t for c in curves for t in c["epoch_s"]]
+    record["epoch_s"] = statistics.median(seconds) if seconds else None
     record["curves"] = dict(loss=sum((c["loss"] for c in curves), []), **{
         key: [[sum(len(c["loss"]) for c in curves[:i]) + e, v]  # the stages' epochs in a row
               for i, c in enumerate(curves) for e, v in c[key]] for key in ("knn", "rank")})
@@ -247,9 +250,10 @@ def run_arm(arm: Arm, seed: int, s: dict) -> dict:
 
 
 def read_log(folder: str) -> dict:
-    """Per-epoch pretraining loss, kNN monitor and effective rank (health.py) from log.jsonl:
-    {"loss": [...], "knn": [[epoch, top-1], ...], "rank": [[epoch, rank], ...]}."""
-    loss, knn, rank = [], [], []
+    """Per-epoch pretraining loss, kNN monitor, effective rank (health.py) and seconds from
+    log.jsonl: {"loss": [...], "knn": [[epoch, top-1], ...], "rank": [[epoch, rank], ...],
+    "epoch_s": [...]}."""
+    loss, knn, rank, seconds = [], [], [], []
     with open(os.path.join(folder, "log.jsonl")) as f:
         for line in f:
             rec = json.loads(line)
@@ -259,7 +263,8 @@ def read_log(folder: str) -> dict:
                     knn.append([rec["epoch"], rec["knn_top1"]])
                 if rec.get("rank") is not None:
                     rank.append([rec["epoch"], rec["rank"]])
-    return dict(loss=loss, knn=knn, rank=rank)
+                seconds += [rec["epoch_s"]] if rec.get("epoch_s") is not None else []
+    return dict(loss=loss, knn=knn, rank=rank, epoch_s=seconds)
 
 
 # ----- cost accounting --------------------------------------------------------------------------
@@ -307,7 +312,7 @@ def mean_std(values: list) -> tuple:
 def summarise(records: list, evals: list) -> list:
     """One row per arm over its seeds: accuracy mean +- std per evaluation, pretraining PFLOPs and
     minutes, the PFLOPs of all its training (warm-up and fine-tuning too), evaluation minutes,
-    pretraining images/s, and the failures."""
+    pretraining images/s and median seconds an epoch, and the failures."""
     rows = {}
     for r in records:
         rows.setdefault((r["grid"], r["arm"]), []).append(r)
@@ -327,6 +332,7 @@ def summarise(records: list, evals: list) -> list:
         row["eval_min"] = mean_std([sum(st["wall_s"] or 0 for st in p) / 60 for p in rest])[0]
         row["total_pflops"] = mean_std([sum(st["pflops"] for st in r["steps"]) for r in ok])[0]
         row["images_per_s"] = mean_std([p[0]["images_per_s"] for p in pre if p])[0]
+        row["epoch_s"] = mean_std([r.get("epoch_s") for r in ok])[0]
         out.append(row)
     return out
 
@@ -341,7 +347,7 @@ def results_markdown(rows: list, evals: list, records: list, settings: dict) -> 
     columns = [(k, f"{k} top-1 %", max) for k in evals] + [
         ("pretrain_pflops", "pretrain PFLOPs", min), ("total_pflops", "all training PFLOPs", min),
         ("pretrain_min", "pretrain min", min), ("eval_min", "eval min", min),
-        ("images_per_s", "pretrain img/s", max)]
+        ("images_per_s", "pretrain img/s", max), ("epoch_s", "pretrain s/epoch (median)", min)]
     for grid in dict.fromkeys(r["grid"] for r in rows):
         mine = [r for r in rows if r["grid"] == grid]
         lines += [f"## {grid}", "", "| arm | " + " | ".join(c[1] for c in columns) + " |",
@@ -378,7 +384,9 @@ def cell_text(row: dict, key: str) -> str:
         return f"{mean:.2f} ± {std:.2f}" if row[f"{key}_n"] > 1 else f"{mean:.2f}"
     if value is None:
         return "—"
-    return f"{value:.4g}" if key.endswith("pflops") else f"{value:.1f}"
+    if key.endswith("pflops"):
+        return f"{value:.4g}"
+    return f"{value:.2f}" if key == "epoch_s" else f"{value:.1f}"
 
 
 def devices(records: list) -> str:

@@ -1039,6 +1039,20 @@ def test_a_graphed_run_logs_saves_and_resumes_as_an_eager_one(tmp_path, monkeypa
         assert torch.equal(weights[0][key], weights[2][key]), key
 
 
+def test_blur_p_sets_how_often_pretraining_views_are_blurred(tmp_path, monkeypatch):
+    """--blur-p 0 (CIFAR recipes at 32 px) draws no blur for any view of the run; the default blurs
+    about half of them (MoCo v2's aug-plus)."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    sigmas, sample = [], augment.SSLAugment.sample
+    monkeypatch.setattr(augment.SSLAugment, "sample", lambda self, *a: (
+        lambda p: (sigmas.append(p["sigma"]), p)[1])(sample(self, *a)))
+    train.main(pretrain_argv(root, tmp_path / "sharp", "--epochs", "1", "--blur-p", "0"))
+    assert len(sigmas) == 4 and all((s == 0).all() for s in sigmas)
+    sigmas.clear()
+    train.main(pretrain_argv(root, tmp_path / "blurred", "--epochs", "1"))
+    assert 0 < torch.cat(sigmas).gt(0).sum() < 32
+
+
 def test_bf16_autocast_path_trains_on_cpu(tmp_path):
     """The GPU's bf16 autocast path runs on CPU as well."""
     root = make_folder(tmp_path / "data", classes=2, per_class=8)
@@ -1152,7 +1166,7 @@ def test_chance_loss_is_log_k_plus_1_for_moco_and_the_scaled_log_2n_minus_1_for_
 
 
 def gaussian_outputs(g, n=16, d=8):
-    """A method's `outputs` for a healthy batch: features, z1, z2 drawn from N(0, 1), (n, d) each."""
+    """A method's `outputs` for a healthy batch: features, z1, z2 from N(0, 1), (n, d) each."""
     return {k: torch.randn(n, d, generator=g) for k in ("features", "z1", "z2")}
 
 
@@ -2159,6 +2173,10 @@ def test_a_tiny_study_reports_a_quarter_of_the_flops_at_half_size_and_reuses_fin
     assert full == pytest.approx(2 * macs * 4 * 16 / 1e15, rel=1e-3), "PFLOPs not 2 x MACs x passes"
     assert half / full == pytest.approx(0.25, rel=0.05), f"half-size PFLOPs are {half / full:.3f} x"
     assert rows["full-64"]["knn"][0] is not None and rows["half-32"]["knn"][0] is not None
+    full_run = [r for r in results["runs"] if r["arm"] == "full-64"][0]
+    log = [json.loads(line) for line in open(full_run["steps"][0]["folder"] + "/log.jsonl")]
+    assert rows["full-64"]["epoch_s"] == log[0]["epoch_s"] > 0  # its one epoch's seconds
+    assert "pretrain s/epoch (median)" in (folder / "results.md").read_text()
     failed = [r for r in results["runs"] if r["arm"] == "total-1000-32"][0]
     assert failed["status"] == "failed" and "larger than the split" in failed["errors"]["pretrain"]
     assert "total-1000-32 failed" in (folder / "results.md").read_text()

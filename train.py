@@ -160,6 +160,8 @@ def add_pretrain_parser(commands) -> None:
     add_sync_bn_arg(p)
     p.add_argument("--crop-scale", type=number(float, 0, 1, open_low=True), nargs=2,
                    default=[0.2, 1.0], help="RandomResizedCrop area range (MoCo v2 aug-plus)")
+    p.add_argument("--blur-p", type=number(float, 0, 1), default=0.5, help="Gaussian blur "
+                   "probability (MoCo v2's aug-plus; CIFAR recipes at 32 px use 0)")
     p.add_argument("--solarize-p", type=number(float, 0, 1), default=0.0,
                    help="solarisation probability (BYOL paper's recipe; the S3L code uses none)")
     add_optim_args(p)
@@ -285,10 +287,8 @@ def add_optim_args(p):
 
 
 def add_knn_args(p):
-    p.add_argument("--knn-k", type=number(int, 1), default=200, help="neighbours of the weighted "
-                   "kNN")
-    p.add_argument("--knn-t", type=POSITIVE, default=0.1, help="temperature of the kNN vote "
-                   "weights")
+    p.add_argument("--knn-k", type=number(int, 1), default=200, help="neighbours in the kNN vote")
+    p.add_argument("--knn-t", type=POSITIVE, default=0.1, help="temperature of the kNN votes")
 
 
 def add_device_args(p, save_dir):
@@ -593,7 +593,7 @@ def pretrain(args) -> dict:
                    params=[p for p in method.parameters() if p.requires_grad],
                    train_store=train_store, stages=stages, steps=steps, stage=stage)
     augmenter = augment.SSLAugment(architecture.input_size, scale=tuple(args.crop_scale),
-                                   solarize_p=args.solarize_p,
+                                   solarize_p=args.solarize_p, blur_p=args.blur_p,
                                    resample_dtype=runtime.resample_dtype)
     loop_start = time.time()
     record, knn = train_ssl(args, runtime, run, method=method, train_store=train_store,
