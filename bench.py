@@ -339,23 +339,30 @@ def matmul_tflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
 
 
 def launches_per_step(step, runtime) -> tuple:
-    """(launches, normalisations) of one step by torch.profiler: device kernels on CUDA, aten ops
-    on CPU; normalisations: the native batch_norm calls among them (each encoder pass runs one per
-    BN layer when folded, one per BN group and layer when chunked)."""
+    """(kernels, host launches, normalisations) of one step by torch.profiler (count_launches)."""
     cuda = runtime.device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + \
         ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         step()
         sync(runtime.device)
-    events = prof.events()
+    return count_launches(prof.events(), cuda)
+
+
+def count_launches(events, cuda: bool) -> tuple:
+    """(kernels, host launches, normalisations) among profiler events. CUDA: the device kernels,
+    and the host's calls that start them (a CUDA graph starts all of its kernels with one launch,
+    --cuda-graphs); CPU: aten ops, both. Normalisations: the native batch_norm calls (each encoder
+    pass runs one per BN layer when folded, one per BN group and layer when chunked)."""
     if cuda:
-        launches = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+        kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+        host = sum(e.device_type == torch.autograd.DeviceType.CPU and
+                   ("LaunchKernel" in e.name or "GraphLaunch" in e.name) for e in events)
     else:
-        launches = sum(e.name.startswith("aten::") for e in events)
+        kernels = host = sum(e.name.startswith("aten::") for e in events)
     norms = sum(e.name in ("aten::native_batch_norm", "aten::_native_batch_norm_legit",
                            "aten::cudnn_batch_norm") for e in events)
-    return launches, norms
+    return kernels, host, norms
 
 
 def hardware_line(args, name: str, method, rate: float, step, runtime) -> None:
@@ -366,12 +373,12 @@ def hardware_line(args, name: str, method, rate: float, step, runtime) -> None:
     achieved = 2 * macs * runs.PASSES[name] * rate / 1e12
     peak = matmul_tflops(runtime.device)
     bn_layers = sum(isinstance(m, s3l.SplitBatchNorm) for m in method.modules())
-    launches, norms = launches_per_step(step, runtime)
+    kernels, host, norms = launches_per_step(step, runtime)
     folded = "folded" if any(getattr(m, "folded", False) for m in method.modules()) else "chunked"
-    unit = "kernels" if runtime.device.type == "cuda" else "aten ops"
+    unit = f"kernels from {host} host launches" if runtime.device.type == "cuda" else "aten ops"
     print(f"  {name}: {achieved:.3f} TFLOP/s (2 x {macs / 1e9:.3f} GMACs x {runs.PASSES[name]} "
           f"passes x {rate:.0f} images/s) = {100 * achieved / peak:.1f} % of the bf16 matmul rate "
-          f"({peak:.2f} TFLOP/s); per step {launches} {unit}, {norms} batch_norm calls for "
+          f"({peak:.2f} TFLOP/s); per step {kernels} {unit}, {norms} batch_norm calls for "
           f"{bn_layers} BN layers ({folded})", flush=True)
 
 

@@ -2028,6 +2028,23 @@ def test_bench_prints_every_row_as_measured_and_in_the_table_with_positive_finit
                          r"[0-9.]+ % of the step", printed), m
 
 
+def test_bench_counts_a_cuda_graphs_kernels_apart_from_its_one_host_launch():
+    """bench's launch count: on CUDA, device kernels and the host calls that start them, so a
+    replayed CUDA graph shows many kernels from one launch; on a CPU, aten ops."""
+    import bench
+    from types import SimpleNamespace as Event
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    graphed = [Event(name="cudaGraphLaunch", device_type=cpu)] + [
+        Event(name=k, device_type=gpu) for k in ("conv_kernel", "bn_fw_kernel", "sgd_kernel")]
+    eager = [Event(name="cudaLaunchKernel", device_type=cpu) for _ in range(3)] + graphed[1:] + [
+        Event(name="aten::cudnn_batch_norm", device_type=cpu)]
+    assert bench.count_launches(graphed, cuda=True) == (3, 1, 0)
+    assert bench.count_launches(eager, cuda=True) == (3, 3, 1)
+    ops = [Event(name=n, device_type=cpu) for n in ("aten::conv2d", "aten::native_batch_norm",
+                                                    "other")]
+    assert bench.count_launches(ops, cuda=False) == (2, 2, 1)
+
+
 # ----- the project's shape: imports point one way ------------------------------------------------
 
 def project_imports():
