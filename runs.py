@@ -14,7 +14,8 @@ paper (S3L, arXiv 2103.13559: every stage of its recipe is one such loop).
                read-backs, so every process takes the same decision to stop)
   how it runs  Runtime, setup_device, runtime_for (the flags'): device, precision and
                channels_last, decided here, once; under torchrun the process group, each
-               process's share of a batch, DDP;
+               process's share of a batch, DDP; GraphedStep, graphed_step (--cuda-graphs: the
+               step as one CUDA graph);
                centre_view_outputs, extract_features, classify_top1 (evaluation on centre
                views, shared out over the processes)
   records      RunLog (config.json, log.jsonl, summary.json: always valid JSON), EpochMeter (loss
@@ -699,14 +700,15 @@ def runtime_for(args) -> Runtime:
 class GraphedStep:
     """--cuda-graphs: the whole training step (forward, backward, the SGD step, the EMA update,
     MoCo's queue) captured once as a CUDA graph, then replayed, so that the host launches one graph
-    a step instead of some thousand kernels (BENCHMARKS.md, the GPU step).
+    a step instead of some thousand kernels (BENCHMARKS.md, "CUDA graphs for the whole step").
 
     step(*inputs) -> loss: the eager step (train.pretrain_step with its model and state bound);
     inputs: tensors whose shapes never change, copied into the graph's own before each replay. The
     first `warmup` calls run eagerly: they make SGD's momentum buffers and let cuDNN choose its
     algorithms, which a capture cannot. The next call captures, and every call replays.
     A replay reads only tensors that keep their place: so the learning rate becomes a tensor on
-    the device that s3l.set_lr fills in place (SGD's fused kernel reads it there), and a replay
+    the device that s3l.set_lr fills in place (SGD's fused kernel reads it there), while a number
+    the step takes from Python stays the capture's (MoCo's m and BYOL's tau: constants). A replay
     overwrites what the last one returned (the loss, the method's `outputs`): read those first.
     capture(fn) -> (fn's outputs, replay): a CUDA graph (cuda_graph_capture); tests pass a CPU
     stand-in that records the step's operations and replays them.
@@ -756,7 +758,7 @@ def graphed_step(args, runtime: Runtime, step, optimizer: torch.optim.Optimizer,
         ("fp16's gradient scaler reads back every step: use --amp bf16 or off",
          runtime.amp_dtype == torch.float16),
         ("one process only, not under torchrun", runtime.distributed),
-        ("--compile makes its own graphs: use one of the two", args.compile)) if stands]
+        ("not with --compile: choose one of the two", args.compile)) if stands]
     if why:
         raise SystemExit(f"--cuda-graphs: {'; '.join(why)}; or drop --cuda-graphs")
     return GraphedStep(step, optimizer, warmup)
