@@ -705,7 +705,8 @@ class GraphedStep:
     step(*inputs) -> loss: the eager step (train.pretrain_step with its model and state bound);
     inputs: tensors whose shapes never change, copied into the graph's own before each replay. The
     first `warmup` calls run eagerly: they make SGD's momentum buffers and let cuDNN choose its
-    algorithms, which a capture cannot. The next call captures, and every call replays.
+    algorithms, which a capture cannot. The next call captures, and every call replays; if the
+    capture fails (an operation this torch cannot capture), the run says why and goes on eagerly.
     A replay reads only tensors that keep their place: so the learning rate becomes a tensor on
     the device that s3l.set_lr fills in place (SGD's fused kernel reads it there), while a number
     the step takes from Python stays the capture's (MoCo's m and BYOL's tau: constants). A replay
@@ -725,11 +726,16 @@ class GraphedStep:
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if self.calls <= self.warmup:
+        if self.calls <= self.warmup or self.replay is False:
             return self.step(*inputs)
         if self.replay is None:
             self.inputs = [x.clone() for x in inputs]  # clone keeps channels_last
-            self.loss, self.replay = self.capture(lambda: self.step(*self.inputs))
+            try:
+                self.loss, self.replay = self.capture(lambda: self.step(*self.inputs))
+            except RuntimeError as e:  # a capture runs nothing, so the step can still run eagerly
+                print(f"\n--cuda-graphs: the step could not be captured, so it runs eagerly: {e}")
+                self.replay = False
+                return self.step(*inputs)
         else:
             for static, x in zip(self.inputs, inputs):
                 static.copy_(x)

@@ -419,12 +419,14 @@ class RecordedGraph(TorchDispatchMode):
     @staticmethod
     def capture(fn):
         graph, rng = RecordedGraph(), torch.get_rng_state()
-        with graph:
-            out = fn()
-        with torch.no_grad():
-            for t, value in graph.before.values():
-                t.copy_(value)
-        torch.set_rng_state(rng)
+        try:
+            with graph:
+                out = fn()
+        finally:  # a failed capture changed nothing either
+            with torch.no_grad():
+                for t, value in graph.before.values():
+                    t.copy_(value)
+            torch.set_rng_state(rng)
         return out, graph.replay
 
 
@@ -471,6 +473,29 @@ def test_the_graphed_step_trains_as_the_eager_one(method, folded, where):
     for key in eager_state:
         assert same(eager_state[key], graph_state[key]), key
     assert all(same(a, b) for a, b in zip(eager_momentum, graph_momentum))
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_and_says_why(capsys):
+    """A capture that fails (here a read-back, which no CUDA graph can hold) leaves the step to run
+    eagerly from then on, with the same results as a step never graphed."""
+    def run(graphed):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, fused=True)
+
+        def step(x):  # float() reads the loss back to the host: not capturable
+            loss = net(x).square().mean() * (1 + 0 * float(net.bias.detach()))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+        if graphed:
+            step = runs.GraphedStep(step, optimizer, warmup=1, capture=RecordedGraph.capture)
+        return [step(x).clone() for x in randn(4, 8, 4, seed=5)], list(net.parameters())
+    (eager, eager_params), (graphed, graphed_params) = run(False), run(True)
+    assert "--cuda-graphs: the step could not be captured, so it runs eagerly" in \
+        capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(eager + eager_params, graphed + graphed_params))
 
 
 def test_cuda_graphs_name_what_stands_in_their_way():
