@@ -263,7 +263,8 @@ def read_log(folder: str) -> dict:
                     knn.append([rec["epoch"], rec["knn_top1"]])
                 if rec.get("rank") is not None:
                     rank.append([rec["epoch"], rec["rank"]])
-                seconds += [rec["epoch_s"]] if rec.get("epoch_s") is not None else []
+                if rec.get("epoch_s") is not None:
+                    seconds.append(rec["epoch_s"])
     return dict(loss=loss, knn=knn, rank=rank, epoch_s=seconds)
 
 
