@@ -685,15 +685,13 @@ def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = 
     return Runtime(device, dtype, channels_last, reason, resample, fold_bn, True, *ranks)
 
 
-# ----- evaluation over the processes -------------------------------------------------------------
-
-@torch.no_grad()
 def runtime_for(args) -> Runtime:
     """The device, precision and processes every stage of the recipe (paper map) runs with, from
     the flags (setup_device); --sync-bn checked against the device."""
     runtime = setup_device(args.device, args.amp, args.channels_last, args.tf32)
     if getattr(args, "sync_bn", False) and runtime.device.type != "cuda":
         raise SystemExit("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm has no CPU kernel")
+    check_cuda_graphs(args, runtime)  # before any work, not once the run has started
     return runtime
 
 
@@ -755,9 +753,17 @@ def cuda_graph_capture(fn):
 def graphed_step(args, runtime: Runtime, step, optimizer: torch.optim.Optimizer,
                  warmup: int = 3):
     """The step the loop calls: `step` itself, or with --cuda-graphs a GraphedStep (captured after
-    `warmup` eager steps), where one can be captured (an error names what stands in the way)."""
+    `warmup` eager steps), where one can be captured (check_cuda_graphs)."""
     if not args.cuda_graphs:
         return step
+    check_cuda_graphs(args, runtime)
+    return GraphedStep(step, optimizer, warmup)
+
+
+def check_cuda_graphs(args, runtime: Runtime) -> None:
+    """With --cuda-graphs, stop where no graph can be captured, naming each thing in the way."""
+    if not getattr(args, "cuda_graphs", False):
+        return
     why = [reason for reason, stands in (
         (f"it needs a CUDA device (this run is on {runtime.device.type})",
          runtime.device.type != "cuda"),
@@ -767,9 +773,11 @@ def graphed_step(args, runtime: Runtime, step, optimizer: torch.optim.Optimizer,
         ("not with --compile: choose one of the two", args.compile)) if stands]
     if why:
         raise SystemExit(f"--cuda-graphs: {'; '.join(why)}; or drop --cuda-graphs")
-    return GraphedStep(step, optimizer, warmup)
 
 
+# ----- evaluation over the processes -------------------------------------------------------------
+
+@torch.no_grad()
 def centre_view_outputs(fn, store, input_size: int, runtime: Runtime,
                         batch_size: int = 256) -> torch.Tensor:
     """fn(centre views) for every image of `store`, in order: (N, ...). Under torchrun each process

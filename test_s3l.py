@@ -313,6 +313,19 @@ def test_the_simclr_bn_head_is_linear_bn_relu_linear_bn_without_biases_in_bn_gro
     assert type(moco.encoder_k.fc[4]).__name__ == "SplitBatchNorm"
 
 
+def test_evaluation_on_centre_views_builds_no_autograd_graph():
+    """kNN features and test top-1 (runs.centre_view_outputs) run without autograd, so an
+    evaluation over a whole split keeps no batch's activations alive, though the network's
+    parameters require gradients."""
+    runtime = runs.setup_device("cpu", "auto", True)
+    net, store = models.resnet18(num_classes=3), data.synthetic_store(12, 20, 0)
+    assert all(p.requires_grad for p in net.parameters())
+    features = runs.extract_features(net, store, 16, runtime)
+    logits = runs.centre_view_outputs(net, store, 16, runtime, batch_size=5)
+    assert features.shape == (12, 512) and logits.shape == (12, 3)
+    assert features.grad_fn is None and logits.grad_fn is None
+
+
 @pytest.mark.parametrize("method", ["moco", "simclr", "byol"])
 def test_the_pretraining_step_reads_nothing_back_from_the_device(method, monkeypatch):
     """Two views and one step (train.pretrain_views, train.pretrain_step) of every method call no
@@ -500,7 +513,10 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_and_says_why(capsys):
 
 def test_cuda_graphs_name_what_stands_in_their_way():
     """--cuda-graphs where no graph can be captured (here: the CPU, under --compile) stops before
-    training with every reason and the fix; without the flag the step is the eager one."""
+    any work (runs.runtime_for) with every reason and the fix; without the flag the step is the
+    eager one."""
+    with pytest.raises(SystemExit, match="--cuda-graphs: it needs a CUDA device"):
+        runs.runtime_for(train.parse_args(["pretrain", "--cuda-graphs", "--device", "cpu"]))
     args = train.parse_args(["pretrain", "--cuda-graphs", "--compile"])
     runtime = runs.setup_device("cpu", "auto", True)
     with pytest.raises(SystemExit) as stop:
