@@ -198,6 +198,7 @@ def jpeg_files(args) -> list:
 def run(args) -> list:
     """Every row, printed as measured, then the table with the ratios."""
     runtime = runs.setup_device(args.device, args.amp, args.channels_last)
+    runs.check_cuda_graphs(args, runtime)  # before any row
     print(f"{args.arch} small_stem={args.small_stem} at {args.input_size} px, batch "
           f"{args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
     paths = jpeg_files(args)

@@ -584,6 +584,11 @@ class Runtime:
         """Rank 0: the process that prints and writes the run folder."""
         return self.rank == 0
 
+    def precision_cause(self) -> str:
+        """The precision, as one of a failed run's likely causes (the errors that list them)."""
+        fp16 = " (fp16 overflows: try --amp bf16 or off)" if self.amp_dtype == torch.float16 else ""
+        return self.reason.split(":")[0] + fp16
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
@@ -1269,8 +1274,7 @@ def health_monitor(args, runtime: Runtime, steps: int, group: int):
     causes = f"--lr {args.lr:g} (too high or too low); " + \
         (f"--byol-tau {args.byol_tau:g} (BYOL: 0.99-0.996); " if args.method == "byol" else "") + \
         f"--batch-size {args.batch_size} in BN groups of {group} (--bn-batch: too small groups " \
-        f"leak; BYOL needs BN); {runtime.reason.split(':')[0]}" + \
-        (" (fp16 overflows: try --amp bf16 or off)" if "fp16" in runtime.reason else "")
+        f"leak; BYOL needs BN); {runtime.precision_cause()}"
     return health.HealthMonitor(args.method, health.chance_loss(
         args.method, candidates, args.moco_k, scale), args.print_freq, steps, causes)
 

@@ -1097,7 +1097,7 @@ def test_blur_p_sets_how_often_pretraining_views_are_blurred(tmp_path, monkeypat
 def test_bf16_autocast_path_trains_on_cpu(tmp_path):
     """The GPU's bf16 autocast path runs on CPU as well. At 32 px, not the other tests' 16: torch
     2.13's CPU bf16 convolution now and then gives a NaN weight gradient for a 3x3 stride-2 conv on
-    a 1x1 input (layer4's first conv at 16 px; measured 4 of 16 runs), a bug of torch's, not ours."""
+    a 1x1 input (layer4's first conv at 16 px; it failed 4 of 16 runs): a bug of torch, not ours."""
     root = make_folder(tmp_path / "data", classes=2, per_class=8)
     train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1", "--amp", "bf16",
                              "--input-size", "32"))

@@ -450,8 +450,7 @@ def open_run(args, runtime, *, architecture: Architecture, model, params, resume
     fields = dict(kind=args.command, config=vars(args), architecture=asdict(architecture),
                   train_files=runs.files_digest(train_store.paths))
     causes = f"lower --lr (now {args.lr:g}) or --weight-decay (now {args.weight_decay:g}); " \
-        f"--batch-size {args.batch_size}; {runtime.reason.split(':')[0]}" + \
-        (" (fp16 overflows: try --amp bf16 or off)" if "fp16" in runtime.reason else "")
+        f"--batch-size {args.batch_size}; {runtime.precision_cause()}"
     return runs.Run(runtime, state, run_log(args, runtime, architecture, resumed), resumed,
                     save_dir=args.save_dir, save_every=args.save_every, seed=args.seed,
                     epochs=args.epochs, steps=steps, batch_size=args.batch_size, stages=stages,
