@@ -176,16 +176,6 @@ def check_writable_folder(path: str, flag: str) -> None:
         raise SystemExit(f"{flag} {path}: the folder is not writable: pass another path")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    return True
-
-
 def lock_run_folder(save_dir: str) -> None:
     """Take save_dir/.lock (pid and host inside), or exit if another live run holds it.
 
@@ -200,29 +190,73 @@ def lock_run_folder(save_dir: str) -> None:
         except FileExistsError:
             with open(path) as f:
                 pid, _, host = f.read().strip().partition(" ")
-            if host != socket.gethostname() or not pid.isdigit() or _pid_alive(int(pid)):
-                raise SystemExit(f"--save-dir {save_dir} is in use by process {pid} on {host}: "
+            # an empty lock: its writer found the disk full (or died) before writing its pid
+            empty = not pid and time.time() - os.path.getmtime(path) > 5
+            if not empty and (host != socket.gethostname() or not pid.isdigit() or
+                              data.pid_alive(int(pid))):
+                who = f"process {pid} on {host}" if pid else "a run that is starting"
+                raise SystemExit(f"--save-dir {save_dir} is in use by {who}: "
                                  "wait for it to finish, or pass another --save-dir (if that "
                                  f"run is gone, delete {path})") from None
-            print(f"{path}: process {pid} is gone, taking the folder over")
+            print(f"{path}: " + ("an empty lock, left by a run that could not write it" if empty
+                                 else f"process {pid} is gone") + ", taking the folder over")
             os.remove(path)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
+        try:
+            os.write(fd, me.encode())
+        except OSError as e:  # a full disk: no lock left behind, one line
+            os.close(fd)
+            os.remove(path)
+            raise write_failed(path, e, "--save-dir", lost="Nothing was started.") from None
+        os.close(fd)
         break
     for name in os.listdir(save_dir):  # temp files of a run killed mid-write
         if name.endswith(".tmp"):
             os.remove(os.path.join(save_dir, name))
 
 
-def claim_run_folder(save_dir: str, resume: bool, start_over: bool) -> None:
-    """A new run never mixes its files with another run's results (checkpoint.pt, summary.json):
-    such a folder is refused, unless the run resumes its checkpoint or start_over (--start-over)
-    moves every file of the old run into save_dir/previous-<time>/ first."""
+def new_run_id() -> str:
+    """A new run's id, kept in its config.json and every checkpoint (a resume keeps it)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}"
+
+
+def folder_run_id(save_dir: str):
+    """The id of the run whose config.json is in save_dir, or None (none, or written before ids)."""
+    try:
+        with open(os.path.join(save_dir, "config.json")) as f:
+            return json.load(f).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def checkpoint_run_id(path: str):
+    """The run id of a checkpoint, read without loading its tensors (mmap), or None."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 -- resume_checkpoint says what is wrong with the file
+        return None
+    return ckpt.get("run_id") if isinstance(ckpt, dict) else None
+
+
+def claim_run_folder(save_dir: str, resume: str, start_over: bool) -> None:
+    """A run never mixes its files with another run's results (checkpoint.pt, summary.json): such a
+    folder is refused, unless it holds the run that `resume` (the --resume path) continues (the
+    same run id, or the checkpoint lies in it), or start_over (--start-over, a new run) moves every
+    file of the old run into save_dir/previous-<time>/ first."""
     results = [n for n in ("checkpoint.pt", "summary.json")
                if os.path.exists(os.path.join(save_dir, n))]
-    if resume or not results:
+    if not results:
         return
+    if resume:
+        inside = os.path.realpath(os.path.dirname(os.path.abspath(resume))) == \
+            os.path.realpath(save_dir)
+        held = folder_run_id(save_dir)
+        if inside or held is not None and held == checkpoint_run_id(resume):
+            return
+        raise SystemExit(f"--save-dir {save_dir} holds another run's results ({', '.join(results)})"
+                         f", not the run of --resume {resume}: continue that run in its own folder "
+                         f"(drop --save-dir, or pass --save-dir {os.path.dirname(resume) or '.'}) "
+                         "or pass an empty --save-dir")
     if not start_over:
         raise SystemExit(f"--save-dir {save_dir} holds another run's results ({', '.join(results)})"
                          f": continue it with --resume {save_dir}/checkpoint.pt, keep it and pass "
@@ -275,19 +309,31 @@ def save_checkpoint(path: str, state: dict) -> None:
     a broken checkpoint. A dict is stored with its sha256 (state_digest) for read_checkpoint."""
     if isinstance(state, dict) and state.get("format") == "s3l":
         state = dict(state, sha256=state_digest(state))
+    folder, name = os.path.split(os.path.abspath(path))
+    for other in os.listdir(folder):  # the temp files of a writer that was killed
+        pid = other[len(name) + 1:-len(".tmp")]
+        if other.startswith(name + ".") and other.endswith(".tmp") and pid.isdigit() and \
+                not data.pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, other))
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except BaseException as e:  # torch.save reports a full disk as a RuntimeError; Ctrl-C too
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise write_failed(path, e, "--save-dir or the output path") from None
+        if isinstance(e, (OSError, RuntimeError)):
+            raise write_failed(path, e, "--save-dir or the output path") from None
+        raise
 
 
-def write_failed(path: str, error: Exception, where: str) -> SystemExit:
+def write_failed(path: str, error: Exception, where: str,
+                 lost: str = "Nothing half-written was left; the last complete checkpoint is "
+                             "unchanged.") -> SystemExit:
     """One line for a write that failed (a full disk, a read-only file system, no permission):
-    the file, the free space of its folder and what to do; `where` names the flag to change."""
+    the file, the free space of its folder and what to do; `where` names the flag to change,
+    `lost` what became of the run's work."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
@@ -296,8 +342,7 @@ def write_failed(path: str, error: Exception, where: str) -> SystemExit:
     why = error.strerror if isinstance(error, OSError) and error.strerror else \
         str(error).splitlines()[0][:120]
     return SystemExit(f"error: cannot write {path} ({why}; {free} in {folder}): free some space "
-                      f"there or pass another {where}. Nothing half-written was left; the last "
-                      "complete checkpoint is unchanged.")
+                      f"there or pass another {where}. {lost}")
 
 
 def read_checkpoint(path: str) -> dict:
@@ -461,6 +506,9 @@ def export_backbone(checkpoint: str, out: str) -> None:
     names, no fc; it loads with strict=True into models.resnetXX(num_classes=0) of the same depth.
     Never written onto its own input or onto another training checkpoint."""
     what = None
+    if os.path.isdir(out) or out.endswith(os.sep):
+        raise SystemExit(f"export: {out} is a folder; pass the file to write, e.g. "
+                         f"{os.path.join(out, 'backbone.pt')}")
     if os.path.exists(out) and os.path.samefile(out, checkpoint):
         what = "the checkpoint it reads"
     elif os.path.isfile(out):

@@ -453,7 +453,9 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, k: int = 200,
     """Weighted kNN top-1 in % (Wu et al. 2018, InstDisc; the kNN monitor of the SSL libraries).
 
     train_feats: (N, D), test_feats: (M, D), both L2-normalised; labels (N,), (M,). Each of the k
-    nearest train features votes for its class with weight exp(cos / t).
+    nearest train features votes for its class with weight exp(cos / t), computed as
+    exp((cos - cos_max) / t): the same vote up to a factor per query, finite at any t (exp(1 / t)
+    alone overflows float32 below t = 0.0113, and argmax would then pick class 0).
     """
     k = min(k, train_feats.shape[0])
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -461,7 +463,8 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, k: int = 200,
     for start in range(0, test_feats.shape[0], 1024):  # (1024, N) similarity blocks bound memory
         sim, idx = (test_feats[start:start + 1024] @ train_feats.T).topk(k, dim=1)  # (B, k)
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / t).exp())  # (B, classes)
+        weights = ((sim - sim[:, :1]) / t).exp()  # topk is sorted: column 0 is each row's max
+        votes.scatter_add_(1, train_labels[idx], weights)  # (B, classes)
         correct += (votes.argmax(1) == test_labels[start:start + 1024]).sum().item()
     return 100.0 * correct / test_feats.shape[0]
 

@@ -292,8 +292,8 @@ def add_knn_args(p):
 
 
 def add_device_args(p, save_dir):
-    p.add_argument("--save-dir", default=save_dir, help="config.json, log.jsonl, summary.json, "
-                   "checkpoints")
+    p.add_argument("--save-dir", help="config.json, log.jsonl, summary.json, checkpoints "
+                   f"(default: {save_dir}; with --resume, the checkpoint's own folder)")
     p.add_argument("--start-over", action="store_true", help="when --save-dir holds another "
                    "run's results, move them into a previous-<time>/ folder there and start anew")
     p.add_argument("--seed", type=int, default=0)
@@ -358,6 +358,9 @@ def parse_args(argv) -> argparse.Namespace:
     if getattr(args, "random_resized_crop", False) is None:  # not on the built-in 32 px shapes
         settings["random_resized_crop"] = STAGE_DEFAULTS[args.command]["random_resized_crop"] \
             and args.data is not None  # measured there: 42.6 % vs 60.2 % (README)
+    if args.command not in (None, "export") and args.save_dir is None:  # a resume continues in
+        resume = getattr(args, "resume", None)  # its own folder, never in another run's
+        settings["save_dir"] = os.path.dirname(resume) or "." if resume else f"runs/{args.command}"
     cores = os.cpu_count() or 1
     if getattr(args, "workers", 0) > cores:
         print(f"note: --workers {args.workers} is more than the {cores} cores: {cores} decode")
@@ -427,10 +430,12 @@ def due(epoch: int, epochs: int, every: int) -> bool:
     return epoch + 1 == epochs or bool(every) and (epoch + 1) % every == 0
 
 
-def run_log(args, runtime: runs.Runtime, architecture: Architecture, resumed=None) -> runs.RunLog:
-    """The run folder of this command, its config.json holding every resolved setting."""
+def run_log(args, runtime: runs.Runtime, architecture: Architecture, resumed=None,
+            run_id: str = None) -> runs.RunLog:
+    """The run folder of this command, its config.json holding every resolved setting and the
+    run's id (runs.claim_run_folder: a resume continues only the run of its checkpoint)."""
     config = dict(vars(args), architecture=asdict(architecture), runtime=runtime.reason,
-                  world_size=runtime.world_size)
+                  world_size=runtime.world_size, run_id=run_id)
     return runs.RunLog(args.save_dir, config, resumed["epoch"] if resumed else None,
                        writes=runtime.is_main, stop_diverging=args.command != "pretrain")
 
@@ -447,11 +452,12 @@ def open_run(args, runtime, *, architecture: Architecture, model, params, resume
                           world_size=runtime.world_size, force=args.force_resume)
     optimizer = runtime.sgd(params, args.lr, args.momentum, args.weight_decay)
     state = runs.TrainState(model, optimizer, runtime.scaler())
+    run_id = (resumed or {}).get("run_id") or runs.new_run_id()
     fields = dict(kind=args.command, config=vars(args), architecture=asdict(architecture),
-                  train_files=runs.files_digest(train_store.paths))
+                  train_files=runs.files_digest(train_store.paths), run_id=run_id)
     causes = f"lower --lr (now {args.lr:g}) or --weight-decay (now {args.weight_decay:g}); " \
         f"--batch-size {args.batch_size}; {runtime.precision_cause()}"
-    return runs.Run(runtime, state, run_log(args, runtime, architecture, resumed), resumed,
+    return runs.Run(runtime, state, run_log(args, runtime, architecture, resumed, run_id), resumed,
                     save_dir=args.save_dir, save_every=args.save_every, seed=args.seed,
                     epochs=args.epochs, steps=steps, batch_size=args.batch_size, stages=stages,
                     images=len(train_store), print_freq=args.print_freq, fields=fields,
@@ -909,8 +915,7 @@ def run_command(args):
         runs.lock_run_folder(args.save_dir)
     try:
         if locks:
-            runs.claim_run_folder(args.save_dir, bool(getattr(args, "resume", None)),
-                                  args.start_over)
+            runs.claim_run_folder(args.save_dir, getattr(args, "resume", None), args.start_over)
         return COMMANDS[args.command](args)
     except ValueError as e:  # data errors (missing folders, a bad --subset)
         raise SystemExit(f"error: {e}") from None
@@ -922,8 +927,10 @@ def run_command(args):
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     with runs.torchrun_scope():  # torchrun: rank 0 prints; the group is left at the end
-        if not argv:
-            return default_job()
+        if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+            # `python train.py --resume runs/default/checkpoint.pt` (the hint of an interrupted
+            # default job), or any pretraining flag changed: the default job with these flags
+            return default_job(DEFAULT_JOB + argv)
         args = parse_args(argv)
         if args.command is None:
             return build_parser().print_help()
