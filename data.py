@@ -29,12 +29,13 @@ import socket
 import stat
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from augment import RESIZE_RATIO, uniform
 
@@ -272,6 +273,13 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # also CMYK, YCbCr, L, 1 and P
 
 
+# EXIF orientation tag -> the transpose that shows the photo upright (as ImageOps.exif_transpose)
+EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                  6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                  8: Image.Transpose.ROTATE_90}
+
+
 def decode_image(path: str, short_side: int, max_aspect: float = MAX_ASPECT) -> np.ndarray:
     """One image -> uint8 (3, h, w): EXIF orientation applied, RGB, the shorter side resized to
     `short_side` (PIL's antialiased bilinear, as torchvision's Resize), the longer side then
@@ -284,9 +292,23 @@ def decode_image(path: str, short_side: int, max_aspect: float = MAX_ASPECT) -> 
     if not stat.S_ISREG(mode):
         kind = "a named pipe" if stat.S_ISFIFO(mode) else "a device or socket"
         raise OSError(f"not a regular file ({kind})")
-    with Image.open(path) as im:
-        im.draft("RGB", (short_side, short_side))  # JPEG: smallest DCT scale with both sides >= it
-        im = _to_rgb(ImageOps.exif_transpose(im))
+    with warnings.catch_warnings():
+        # a photo of over 89 megapixels is decoded once and reduced at once below (Pillow
+        # still refuses those over 179 as decompression bombs: skipped, with its reason)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        original = Image.open(path)
+    with original:
+        original.draft("RGB", (short_side, short_side))  # JPEG: the smallest DCT scale >= it
+        orientation = original.getexif().get(0x0112)  # EXIF's, read before any reduction
+        im, factor = original, min(original.size) // (4 * short_side)
+        if factor >= 2 and original.mode in ("RGB", "RGBA", "L", "LA", "I", "F"):
+            # a huge PNG or TIFF: factor x factor box means first (still >= 4x the short side), so
+            # every copy below is small (a 121-megapixel PNG peaked at 1.65 GB without it)
+            im = original.reduce(factor)
+            original.close()  # its pixels are freed now, not at the end of the block
+        if orientation in EXIF_TRANSPOSE:
+            im = im.transpose(EXIF_TRANSPOSE[orientation])
+        im = _to_rgb(im)
         w, h = im.size
         short = min(w, h, short_side)
         if short < min(w, h):
@@ -725,17 +747,25 @@ def store_bytes_limit(device: torch.device, processes: int = 1) -> int:
 def load_store(root, split: str, input_size: int, *, cache_dir: str, device: torch.device,
                store_size: int = None, workers: int = 0, cache_max_gb: float = 20.0,
                processes: int = 1, min_crop_scale: float = None,
-               around_decode=contextlib.nullcontext) -> ImageStore:
+               around_decode=contextlib.nullcontext, subset: str = None,
+               seed: int = 0) -> ImageStore:
     """One split of `root` (None: the built-in shapes, generated in seconds, never cached), decoded
     or read from the cache, placed on `device`. Its shorter side: store_size, else store_short_side
     (min_crop_scale: pretraining's). processes: how many on this node hold a copy; around_decode:
     a context around the decoding (train.py's: a node's first process first, the others read its
-    cache)."""
+    cache). subset, seed: only the files of subset_indices are decoded (small data; a folder's
+    files only: the built-in shapes are drawn whole)."""
     size = store_size or store_short_side(input_size, min_crop_scale)
     if root is None:
         n, seed = (BUILTIN_TRAIN, 0) if split == "train" else (BUILTIN_TEST, 1)
         return synthetic_store(n, size, seed).to(device, 1 << 62)
     listing = list_split(root, split)
+    if subset:  # before decoding: --subset per-class=5 decodes 5 images a class, not the split
+        chosen = subset_indices(listing.labels, subset, seed)
+        print(f"--subset {subset}: {len(chosen)} of the {len(listing.paths)} files of "
+              f"{listing.name}")
+        listing = Listing([listing.paths[i] for i in chosen], None if listing.labels is None else
+                          [listing.labels[i] for i in chosen], listing.classes, listing.name)
     with around_decode():
         images, sizes, kept = load_split(listing, size, cache_dir, workers,
                                          max_bytes=int(cache_max_gb * 2**30))
@@ -753,20 +783,22 @@ def load_train_store(root, split: str, input_size: int, *, subset: str, seed: in
     """The training split, cut to `subset` (seeded: subset_indices): the chosen files go to
     save_dir/subset.txt, the files that could not be decoded to save_dir/skipped.txt (from the
     cache too; writes=False, every process but rank 0: neither). store: load_store's settings."""
-    store = load_store(root, split, input_size, **store)
+    store = load_store(root, split, input_size, subset=subset, seed=seed, **store)
     if store.skipped and writes:
         with open(os.path.join(save_dir, "skipped.txt"), "w", errors="surrogateescape") as f:
             f.write("".join(f"{path}\n" for path in store.skipped))
         print(f"{len(store.skipped)} unreadable files skipped, listed in {save_dir}/skipped.txt")
     if not subset:
         return store
-    labels = None if store.labels is None else store.labels.tolist()
-    idx = subset_indices(labels, subset, seed)
+    chosen = store.paths  # a folder's subset was chosen before decoding (load_store)
+    if root is None:
+        chosen = subset_indices(store.labels.tolist(), subset, seed)
+        store = store.subset(chosen)
     if writes:
         with open(os.path.join(save_dir, "subset.txt"), "w", errors="surrogateescape") as f:
-            f.write("".join(f"{store.paths[i] if store.paths else i}\n" for i in idx))
-    print(f"--subset {subset}: {len(idx)} of {len(store)} images ({save_dir}/subset.txt)")
-    return store.subset(idx)
+            f.write("".join(f"{name}\n" for name in chosen))
+    print(f"--subset {subset}: {len(store)} images ({save_dir}/subset.txt)")
+    return store
 
 
 def labelled_splits(root, train_split: str, test_split: str, input_size: int, *, command: str,
@@ -775,10 +807,17 @@ def labelled_splits(root, train_split: str, test_split: str, input_size: int, *,
     `command`. subset, seed, save_dir, writes: load_train_store's; store: load_store's settings."""
     train_store = load_train_store(root, train_split, input_size, subset=subset, seed=seed,
                                    save_dir=save_dir, writes=writes, **store)
+    labels = "--data must hold class folders (or CUB's layout)"
+    if train_store.labels is None:  # before the test split: that error would be about a folder
+        raise SystemExit(f"{command} needs labels, and the {train_split} split of {root} is a "
+                         f"folder of unlabeled images: {labels}")
+    if len(train_store.classes) < 2:
+        raise SystemExit(f"{command} needs at least 2 classes to tell apart; {root} has "
+                         f"{len(train_store.classes)} ({', '.join(train_store.classes)}): {labels}")
     test_store = load_store(root, test_split, input_size, **store)
-    if train_store.labels is None or test_store.labels is None:
-        raise SystemExit(f"{command} needs labels: --data must hold class folders (or CUB's "
-                         "layout)")
+    if test_store.labels is None:
+        raise SystemExit(f"{command} needs labels: the {test_split} split of {root} has none; "
+                         f"{labels}")
     empty = [c for c, n in zip(train_store.classes, torch.bincount(
         train_store.labels.cpu(), minlength=len(train_store.classes)).tolist()) if n == 0]
     if empty:

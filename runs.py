@@ -521,7 +521,7 @@ def export_backbone(checkpoint: str, out: str) -> None:
     if what:
         raise SystemExit(f"export: {out} is {what}; writing there would destroy it: pass another "
                          "output path")
-    _, state = read_backbone(checkpoint)
+    ckpt, state = read_backbone(checkpoint)
     arch, conv5, small_stem = infer_arch(state)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     try:
@@ -530,8 +530,29 @@ def export_backbone(checkpoint: str, out: str) -> None:
         raise SystemExit(f"{checkpoint}: the backbone does not load into {arch}: {e}") from None
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_checkpoint(out, state)
+    size = trained_input_size(ckpt, checkpoint)
+    # the resolution beside the weights (a state_dict holds tensors only): knn reads it back
+    write_json(export_sidecar(out), dict(arch=arch, conv5=conv5, small_stem=small_stem,
+                                         input_size=size, exported_from=checkpoint))
     print(f"wrote {len(state)} tensors of a {arch} backbone (conv5={conv5}, "
-          f"small_stem={small_stem}) to {out}")
+          f"small_stem={small_stem}, trained at {size} px) to {out}, and {export_sidecar(out)}")
+
+
+def export_sidecar(path: str) -> str:
+    """The JSON file beside an export: its architecture and the resolution it was trained at."""
+    return os.path.splitext(path)[0] + ".json"
+
+
+def trained_input_size(ckpt: dict, path: str):
+    """The resolution a checkpoint's backbone was trained at: this project's checkpoints keep it,
+    an export has it in its sidecar (export_sidecar); None for other files."""
+    size = (ckpt.get("architecture") or {}).get("input_size") if ckpt.get("format") == "s3l" \
+        else None
+    if size is None and os.path.isfile(export_sidecar(path)):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            with open(export_sidecar(path)) as f:
+                size = json.load(f).get("input_size")
+    return size
 
 
 # ----- several processes (torchrun) ---------------------------------------------------------------
@@ -848,7 +869,9 @@ def centre_view_outputs(fn, store, input_size: int, runtime: Runtime,
             outputs.append(fn(runtime.prepare(x)))
         if time.time() - t0 > 5:
             done = min(start + batch_size, per)
-            print(f"\rcentre views: {done}/{per}", end="\n" if done == per else "", flush=True)
+            rate = done / (time.time() - t0)
+            print(f"{line_start()}centre views: {done}/{per} ({rate:.0f} img/s)",
+                  end="\n" if done == per else "", flush=True)
     out = torch.cat(outputs)
     if _joined():  # every process's share, in rank order
         shares = [torch.empty_like(out) for _ in range(runtime.world_size)]
@@ -887,6 +910,17 @@ def git_commit() -> str:
         return ""
 
 
+def line_start() -> str:
+    """How a progress line begins: "\r" on a terminal (it overwrites the last one), a new line in a
+    file or pipe (where "\r" would run every line of an epoch together)."""
+    return "\r" if sys.stdout.isatty() else "\n"
+
+
+# what an epoch's line shows (log.jsonl keeps every measure): the loss, the pace, one health figure
+SHOWN = ("epoch", "loss", "loss_of_finite_steps", "nonfinite_steps", "lr", "epoch_s",
+         "images_per_s", "rank", "knn_top1", "test_top1")
+
+
 def json_safe(x):
     """NaN and infinities become None (JSON's null), so every record stays valid JSON."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -905,10 +939,12 @@ class RunLog:
     writes=False (every process but rank 0 under torchrun): the same calls, nothing written."""
 
     def __init__(self, save_dir: str, config: dict, resume_epoch=None, writes: bool = True,
-                 stop_diverging: bool = False):
+                 stop_diverging: bool = False, chance: float = None):
         """stop_diverging: a loss over 100x the first epoch's stops the run (the supervised
-        stages); else a warning (pretraining, where BYOL's loss may rise and fall)."""
+        stages); else a warning (pretraining, where BYOL's loss may rise and fall). chance: a
+        classifier's loss at chance, ln(classes): a first epoch far above it is warned about."""
         self.save_dir, self.first_loss, self.log_file = save_dir, None, None
+        self.first_record, self.chance = True, chance
         self.stop_diverging = stop_diverging
         if not writes:
             return
@@ -936,6 +972,10 @@ class RunLog:
             return
         if self.first_loss is None:
             self.first_loss = loss
+            if self.chance and loss > 2 * self.chance:  # measured: 7.0 against 2.3 ends at chance
+                print(f"\nwarning: the first epoch's loss ({loss:.3g}) is {loss / self.chance:.1f}x "
+                      f"the loss at chance (ln of the classes: {self.chance:.3g}): the learning "
+                      "rate is likely too high for this setup; try a 10x lower --lr")
             return
         ratio = abs(loss) / max(abs(self.first_loss), 1e-12)
         what = f"the loss ({loss:.4g}) is {ratio:.0f}x the first epoch's ({self.first_loss:.4g})"
@@ -953,8 +993,13 @@ class RunLog:
             self.log_file.flush()
         except OSError as e:
             raise write_failed(self.log_file.name, e, "--save-dir") from None
-        print("\r" + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in record.items()) + " " * 10)
+        shown = {k: v for k, v in record.items() if k in SHOWN and not (
+            k == "nonfinite_steps" and v == 0)} if "epoch" in record else record
+        if self.first_record and "epoch" in record:
+            self.first_record = False
+            shown["(every measure"] = f"{self.log_file.name})"
+        print(line_start() + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in shown.items()) + " " * 10)
 
     def summary(self, summary: dict) -> None:
         if self.log_file is None:
@@ -990,15 +1035,17 @@ class EpochMeter:
 
     def __init__(self, epoch: int, epochs: int, steps: int, batch_size: int, images: int,
                  print_freq: int, device: torch.device, first_step: int = 0, sums=(0.0, 0.0),
-                 causes: str = "the learning rate (--lr)"):
-        """first_step, sums: where an interrupted epoch stopped, its (loss sum, finite count).
-        causes: this run's settings that can make a loss non-finite, for the error."""
+                 causes: str = "the learning rate (--lr)", pace=(0, 0.0), seconds: float = 0.0):
+        """first_step, sums, seconds: where an interrupted epoch stopped, its (loss sum, finite
+        count) and the seconds it had run. causes: this run's settings that can make a loss
+        non-finite, for the error. pace: (images, seconds) of this process's earlier epochs."""
         self.epoch, self.epochs, self.steps, self.batch_size = epoch, epochs, steps, batch_size
         self.images, self.print_freq, self.first_step = images, print_freq, first_step
         self.causes = causes
         self.loss_sum = torch.tensor(float(sums[0]), device=device)
         self.finite = torch.tensor(float(sums[1]), device=device)
         self.finite_seen, self.recent, self.t0 = sums[1], [], time.time()
+        self.pace, self.seconds_before = pace, seconds
         self.step_done = first_step  # steps of this epoch finished so far
 
     def add(self, step: int, loss: torch.Tensor, lr: float, stop: bool = False) -> bool:
@@ -1021,10 +1068,12 @@ class EpochMeter:
         self.check(step, last, finite)
         done = min((step + 1 - self.first_step) * self.batch_size, self.images)
         rate = done / (time.time() - self.t0)
-        left = (self.epochs - self.epoch) * self.images - done
-        print(f"\repoch {self.epoch + 1}/{self.epochs} step {step + 1}/{self.steps} loss "
-              f"{loss_sum / max(finite, 1):.4f} lr {self.lr:.4g} {rate:.0f} img/s eta "
-              f"{left / rate / 60:.1f} min   ", end="", flush=True)
+        # the eta from the pace of the whole run so far (evaluations included), not this epoch's
+        pace = (self.pace[0] + done) / (self.pace[1] + time.time() - self.t0)
+        left = (self.epochs - self.epoch) * self.images - done - self.first_step * self.batch_size
+        print(f"{line_start()}epoch {self.epoch + 1}/{self.epochs} step {step + 1}/{self.steps} "
+              f"loss {loss_sum / max(finite, 1):.4f} lr {self.lr:.4g} {rate:.0f} img/s eta "
+              f"{left / pace / 60:.1f} min   ", end="", flush=True)
         return asked > 0
 
     def check(self, step: int, last_loss: float, finite: float) -> None:
@@ -1053,7 +1102,8 @@ class EpochMeter:
         done = (self.steps - self.first_step) * self.images / self.steps
         nonfinite = round(self.steps - finite)
         record = dict(epoch=self.epoch + 1, loss=loss_sum / finite if finite else float("nan"),
-                      nonfinite_steps=nonfinite, lr=self.lr, epoch_s=round(seconds, 2),
+                      nonfinite_steps=nonfinite, lr=self.lr,
+                      epoch_s=round(self.seconds_before + seconds, 2),  # a resumed one: both parts
                       images_per_s=round(done / seconds, 1))
         if nonfinite:
             record.update(loss=float("nan"), loss_of_finite_steps=loss_sum / max(finite, 1))
@@ -1224,8 +1274,10 @@ class Run:
             state.resume(resumed)
         self.start = dict(epoch=resumed["epoch"], step=resumed.get("step", 0),
                           wall_s=resumed["wall_s"], rng=resumed.get("rng"),
-                          sums=resumed.get("sums", (0.0, 0.0))) if resumed else \
+                          sums=resumed.get("sums", (0.0, 0.0)),
+                          epoch_s=resumed.get("epoch_s", 0.0)) if resumed else \
             dict(epoch=0, step=0, wall_s=0.0)
+        self.loop_t0, self.trained = None, 0  # this process's pace, for the eta
         self.t0 = time.time() - self.start["wall_s"]  # the run's clock, the resumed part included
         self.generator = torch.Generator(runtime.device)  # the views' random stream
         self.interrupt = Interrupt(repeat_stops=not runtime.distributed)
@@ -1248,12 +1300,17 @@ class Run:
             inside = epoch == self.start["epoch"] and self.start["step"]
             if inside:
                 set_random_states(self.generator, self.start["rng"])
+            if self.loop_t0 is None:
+                self.loop_t0 = time.time()
+            pace = (self.trained, time.time() - self.loop_t0)
             self.meter = EpochMeter(epoch, self.num_epochs, self.num_steps, self.batch_size,
                                     self.stage["images_per_epoch"], self.print_freq,
                                     self.runtime.device, *((self.start["step"],
                                                             self.start["sums"]) if inside else
-                                                           (0, (0.0, 0.0))), causes=self.causes)
+                                                           (0, (0.0, 0.0))), causes=self.causes,
+                                    pace=pace, seconds=self.start["epoch_s"] if inside else 0.0)
             yield epoch
+            self.trained += (self.num_steps - self.meter.first_step) * self.batch_size
 
     def steps(self) -> range:
         return range(self.meter.first_step, self.num_steps)
@@ -1271,7 +1328,8 @@ class Run:
             return
         # meter.sums() is a collective: every process calls it, before rank 0 writes
         self.save(self.epoch, step=self.meter.step_done, sums=self.meter.sums(),
-                  rng=random_states(self.generator))
+                  rng=random_states(self.generator),
+                  epoch_s=self.meter.seconds_before + time.time() - self.meter.t0)
         path = os.path.join(self.save_dir, "checkpoint.pt")
         print(f"\ninterrupted in epoch {self.epoch + 1} after step {self.meter.step_done}: saved "
               f"{path}. Continue with the same command and --resume {path}")
@@ -1313,13 +1371,15 @@ class Run:
         return self.stages + [dict(self.stage, wall_s=round(self.wall_s(), 1))]
 
 
-def health_monitor(args, runtime: Runtime, steps: int, group: int):
-    """The label-free health measures of this run (health.py), or None with --no-health."""
+def health_monitor(args, runtime: Runtime, steps: int, group: int, lr_for_batch: int = None):
+    """The label-free health measures of this run (health.py), or None with --no-health.
+    lr_for_batch: the batch that --lr was set for, when it is another than this run's."""
     if not args.health:
         return None
     scale = args.simclr_t / args.simclr_base_t if args.method == "simclr" else 1.0
     candidates = args.batch_size // (runtime.world_size if args.simclr_local_negatives else 1)
-    causes = f"--lr {args.lr:g} (too high or too low); " + \
+    set_for = f", the method's default, set for batch {lr_for_batch}" if lr_for_batch else ""
+    causes = f"--lr {args.lr:g} (too high or too low{set_for}); " + \
         (f"--byol-tau {args.byol_tau:g} (BYOL: 0.99-0.996); " if args.method == "byol" else "") + \
         f"--batch-size {args.batch_size} in BN groups of {group} (--bn-batch: too small groups " \
         f"leak; BYOL needs BN); {runtime.precision_cause()}"

@@ -250,3 +250,128 @@ def test_an_interrupted_export_leaves_no_temporary_file_and_stale_ones_are_remov
 def test_export_to_a_folder_says_to_name_a_file(tmp_path):
     with pytest.raises(SystemExit, match="is a folder; pass the file to write"):
         runs.export_backbone(str(tmp_path / "missing.pt"), str(tmp_path))
+
+
+# ----- rough edges: flags, labels, subsets, exports, progress lines -------------------------------
+
+def test_a_seed_out_of_range_is_refused_by_the_parser_naming_it_and_creating_nothing(tmp_path,
+                                                                                    capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["pretrain", "--seed", "99999999999999999999", "--save-dir",
+                    str(tmp_path / "run")])
+    assert e.value.code == 2 and "--seed: must be [0, 4294967295]" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluations_refuse_one_class_and_name_missing_labels_before_a_missing_split(tmp_path):
+    one = make_folder(tmp_path / "one", classes=1, per_class=4)
+    make_folder(tmp_path / "one", classes=1, per_class=2, split="test")
+    flat = tmp_path / "flat"
+    for i in range(4):
+        write_image(str(flat / f"img{i}.png"), seed=i)
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--input-size", "16", "--arch", "resnet18"]
+    with pytest.raises(SystemExit, match="linear needs at least 2 classes to tell apart; .* has 1"):
+        train.main(["linear", "--data", one, "--save-dir", str(tmp_path / "a"), *cache])
+    with pytest.raises(SystemExit, match="knn needs labels, and the train split of .* is a folder "
+                                         "of unlabeled images"):
+        train.main(["knn", "--data", str(flat), "--save-dir", str(tmp_path / "b"), *cache])
+
+
+def test_a_subset_decodes_only_the_images_it_chose(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    store = data.load_train_store(root, "train", 16, subset="per-class=2", seed=0,
+                                  save_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"),
+                                  device=torch.device("cpu"), workers=1)
+    cached = json.load(open(next(tmp_path.glob("cache/*.json"))))
+    assert len(store) == 4 and len(cached["kept"]) == 4  # 4 decoded, not the split's 16
+    assert (tmp_path / "subset.txt").read_text().split() == store.paths
+    assert store.labels.tolist().count(0) == 2
+    assert "--subset per-class=2: 4 of the 16 files" in capsys.readouterr().out
+
+
+def test_an_export_carries_its_resolution_and_knn_evaluates_at_it(tmp_path):
+    """A plain state_dict holds tensors only: the export's sidecar JSON says the resolution it was
+    trained at, so `knn --pretrained backbone.pt` runs at 16 px here, not at 224."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    make_folder(tmp_path / "data", classes=2, per_class=2, split="test")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    train.main(tiny_pretrain(root, "--epochs", "1", "--save-dir", str(tmp_path / "pre"), *cache))
+    train.main(["export", str(tmp_path / "pre" / "checkpoint.pt"), str(tmp_path / "bb.pt")])
+    assert json.load(open(tmp_path / "bb.json"))["input_size"] == 16
+    record = train.knn(train.parse_args(["knn", "--data", root, "--pretrained",
+                                         str(tmp_path / "bb.pt"), "--save-dir",
+                                         str(tmp_path / "knn"), *cache]))
+    assert record["input_size"] == 16
+
+
+def test_progress_in_a_file_is_one_line_each_and_an_epochs_line_is_short(tmp_path, capsys):
+    """Piped to a file, no line is overwritten with \\r (it would run an epoch's lines together),
+    and the end-of-epoch line shows the loss, the pace and the rank (log.jsonl has the rest)."""
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    train.main(tiny_pretrain(root, "--epochs", "2", "--save-dir", str(tmp_path / "run"),
+                             "--cache-dir", str(tmp_path / "cache")))
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch 2 ")]
+    assert len(epoch_lines) == 1 and "rank" in epoch_lines[0] and "loss" in epoch_lines[0]
+    assert "uniform" not in epoch_lines[0] and "cos_neg" not in epoch_lines[0]
+    assert "uniform" in json.loads(open(tmp_path / "run" / "log.jsonl").readlines()[1])
+
+
+def test_the_eta_comes_from_the_pace_of_the_whole_run(capsys, monkeypatch):
+    """Epoch 3 of 4 whose first step took 10 s, after 2 epochs of 100 images in 20 s: the eta is
+    from 110 images in 30 s (a 3.7 img/s pace) for the 190 left, not from this step's 1 img/s."""
+    clock = iter([1000.0, 1010.0, 1010.0])
+    monkeypatch.setattr(runs.time, "time", lambda: next(clock))
+    meter = runs.EpochMeter(2, 4, 10, 10, 100, 1, torch.device("cpu"), pace=(100, 20.0))
+    meter.add(0, torch.tensor(1.0), 0.1)
+    eta = float(capsys.readouterr().out.split("eta ")[1].split(" min")[0])
+    assert eta == pytest.approx(190 / (110 / 30) / 60, abs=0.05)
+
+
+def test_simclrs_collapse_causes_say_the_lr_was_set_for_batch_512(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "data", classes=2, per_class=8)
+    seen = []
+    real = runs.health.HealthMonitor
+
+    def capture(*a):
+        seen.append(a[-1])
+        return real(*a)
+    monkeypatch.setattr(runs.health, "HealthMonitor", capture)
+    argv = tiny_pretrain(root, "--epochs", "1", "--save-dir", str(tmp_path / "run"),
+                         "--cache-dir", str(tmp_path / "cache"))
+    argv[argv.index("--moco-k"):argv.index("--moco-k") + 2] = ["--method", "simclr"]
+    train.main(argv)
+    assert "--lr 0.5 (too high or too low, the method's default, set for batch 512)" in seen[0]
+
+
+def test_a_huge_photo_is_reduced_first_keeps_its_orientation_and_warns_nothing(tmp_path,
+                                                                               monkeypatch):
+    """A photo over 8x the store's side is box-reduced before any copy (bounded memory), close to
+    resizing it whole; its EXIF orientation still applies; Pillow's decompression-bomb warning
+    (beyond Image.MAX_IMAGE_PIXELS, here lowered to 20,000) is not printed raw."""
+    from PIL import Image
+    import warnings
+    y, x = np.mgrid[0:160, 0:200]
+    arr = np.stack([x * 255 // 199, y * 255 // 159, (x + y) % 256], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 160 wide, 200 high
+    Image.fromarray(arr).save(tmp_path / "big.png", exif=exif)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        small = data.decode_image(str(tmp_path / "big.png"), 8)  # factor 160 // 32 = 5
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+    upright = Image.fromarray(arr).transpose(Image.Transpose.ROTATE_270)
+    whole = np.asarray(upright.resize((8, 10), Image.BILINEAR)).transpose(2, 0, 1)
+    assert small.shape == (3, 10, 8)  # 8 x 10 after the orientation, short side 8
+    assert np.abs(small.astype(int) - whole.astype(int)).max() <= 8
+
+
+def test_a_fine_tuning_far_above_chance_in_its_first_epoch_is_warned_about(tmp_path, capsys):
+    """The default job's README follow-up at the paper's lr 0.1 began at loss 7.0 for 10 classes
+    (chance: ln 10 = 2.3) and ended at chance: the first epoch above 2x chance says to lower --lr."""
+    for loss, warned in ((7.0, True), (2.2, False)):
+        log = runs.RunLog(str(tmp_path), {}, writes=False, chance=np.log(10))
+        log.check({"epoch": 1, "loss": loss})
+        assert ("is 3.0x the loss at chance" in capsys.readouterr().out) == warned

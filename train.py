@@ -296,7 +296,8 @@ def add_device_args(p, save_dir):
                    f"(default: {save_dir}; with --resume, the checkpoint's own folder)")
     p.add_argument("--start-over", action="store_true", help="when --save-dir holds another "
                    "run's results, move them into a previous-<time>/ folder there and start anew")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seeds the "
+                   "initialisation, the data order and the views")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="autocast dtype. CUDA: auto is bf16 on compute capability >= 8.0 (Ampere "
@@ -431,13 +432,15 @@ def due(epoch: int, epochs: int, every: int) -> bool:
 
 
 def run_log(args, runtime: runs.Runtime, architecture: Architecture, resumed=None,
-            run_id: str = None) -> runs.RunLog:
+            run_id: str = None, classes: int = 0) -> runs.RunLog:
     """The run folder of this command, its config.json holding every resolved setting and the
-    run's id (runs.claim_run_folder: a resume continues only the run of its checkpoint)."""
+    run's id (runs.claim_run_folder: a resume continues only the run of its checkpoint).
+    classes: a classifier's, whose loss at chance is ln(classes)."""
     config = dict(vars(args), architecture=asdict(architecture), runtime=runtime.reason,
                   world_size=runtime.world_size, run_id=run_id)
     return runs.RunLog(args.save_dir, config, resumed["epoch"] if resumed else None,
-                       writes=runtime.is_main, stop_diverging=args.command != "pretrain")
+                       writes=runtime.is_main, stop_diverging=args.command != "pretrain",
+                       chance=math.log(classes) if classes > 1 else None)
 
 
 def open_run(args, runtime, *, architecture: Architecture, model, params, resumed, train_store,
@@ -457,7 +460,11 @@ def open_run(args, runtime, *, architecture: Architecture, model, params, resume
                   train_files=runs.files_digest(train_store.paths), run_id=run_id)
     causes = f"lower --lr (now {args.lr:g}) or --weight-decay (now {args.weight_decay:g}); " \
         f"--batch-size {args.batch_size}; {runtime.precision_cause()}"
-    return runs.Run(runtime, state, run_log(args, runtime, architecture, resumed, run_id), resumed,
+    # a fine-tuning far above chance in epoch 1 diverged; the probe's lr 10 on raw features is
+    # far above it by design and still converges (README)
+    classes = len(train_store.classes) if args.command in ("finetune", "warmup-conv5") else 0
+    return runs.Run(runtime, state, run_log(args, runtime, architecture, resumed, run_id, classes),
+                    resumed,
                     save_dir=args.save_dir, save_every=args.save_every, seed=args.seed,
                     epochs=args.epochs, steps=steps, batch_size=args.batch_size, stages=stages,
                     images=len(train_store), print_freq=args.print_freq, fields=fields,
@@ -628,7 +635,11 @@ def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, k
     print(f"pretraining {args.method} {architecture.arch} conv5={architecture.conv5} at "
           f"{architecture.input_size} px on {len(train_store)} images: {run.num_steps} steps an "
           f"epoch, BN groups of {group} images")
-    record, knn, monitor = {}, None, runs.health_monitor(args, runtime, run.num_steps, group)
+    paper = METHOD_DEFAULTS[args.method]  # SimCLR's lr 0.5 is for batch 512: say so at batch 32
+    lr_for_batch = paper["batch_size"] if args.lr == paper["lr"] and \
+        args.batch_size != paper["batch_size"] else None
+    record, knn = {}, None
+    monitor = runs.health_monitor(args, runtime, run.num_steps, group, lr_for_batch)
     with run:
         for epoch in run.epochs():
             method.train()
@@ -664,10 +675,13 @@ def supervised_setup(args, build_conv5=None):
     network); None builds what the flags and checkpoint say.
     Returns (runtime, backbone, train_store, test_store, net, the checkpoint's earlier stages)."""
     ckpt, state = runs.read_backbone(args.pretrained)
-    ckpt_size = (ckpt or {}).get("architecture", {}).get("input_size")
+    ckpt_size = runs.trained_input_size(ckpt, args.pretrained) if ckpt else None
     # kNN, and every stage on the built-in data (no --data), at the checkpoint's size by default
     own_size = args.command == "knn" or args.data is None
     size = ckpt_size if own_size else STAGE_DEFAULTS[args.command]["input_size"]
+    if own_size and ckpt and not ckpt_size and not args.input_size:
+        print(f"note: {args.pretrained} does not say the resolution it was trained at, so "
+              f"{args.command} runs at 224 px: pass --input-size (e.g. the pretraining's)")
     architecture = resolve_architecture(args, state, input_size=size)
     built = architecture if build_conv5 is None else replace(architecture, conv5=build_conv5)
     runtime = runs.runtime_for(args)
