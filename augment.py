@@ -13,8 +13,10 @@ padding. Copy this file alone: it imports only torch and the standard library.
   pipelines  SSLAugment (two views for pretraining), finetune_train_params, finetune_train_view,
              center_view
   pieces     random_resized_crop_boxes, crop_boxes, resize_weights, crop_resize,
-             color_jitter_params, color_jitter, grayscale, gaussian_blur, solarize, normalize
+             color_jitter_params, color_jitter, grayscale, gaussian_blur, solarize, normalize,
+             constant (the pieces' numbers, on the device once)
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -24,6 +26,14 @@ import torch.nn.functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_RATIO = 8 / 7  # fine-tune/test Resize(input x 8/7) before the crop: 256 for 224, 128 for 112
+
+
+@functools.lru_cache(maxsize=None)
+def constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of Python numbers (never written to), made once per device and dtype: on a GPU,
+    torch.tensor(list, device=...) copies from pageable host memory and waits for every queued
+    kernel, so a step's views that built one would hold the host back each step."""
+    return torch.tensor(values, device=device, dtype=dtype)
 
 
 @dataclass
@@ -213,7 +223,7 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
                        torch.where(maxc == g, 2 + (b - r) / c, 4 + (r - g) / c))
     hue6 = hue6.unsqueeze(1) + 6 * shift  # (N, 1, H, W), hue in sixths of a turn
     # HSV -> RGB as f(n) = V - V S clamp(min(k, 4 - k), 0, 1) with k = (n + 6 H) mod 6, n = 5, 3, 1
-    n_rgb = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n_rgb = constant((5.0, 3.0, 1.0), x.device, x.dtype).view(1, 3, 1, 1)
     k = (n_rgb + hue6).remainder_(6)
     k = torch.minimum(k, 4 - k).clamp_(0, 1)
     return k.mul_(-chroma.unsqueeze(1)).add_(maxc.unsqueeze(1))
@@ -230,7 +240,7 @@ def color_jitter_params(n: int, brightness: float, contrast: float, saturation: 
     on = uniform(n, 0, 1, generator) < p
     factors = [uniform(n, 1 - v, 1 + v, generator) for v in (brightness, contrast, saturation)]
     factors = torch.stack(factors + [uniform(n, -hue, hue, generator)], dim=1)  # (N, 4)
-    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=factors.device)
+    identity = constant((1.0, 1.0, 1.0, 0.0), factors.device, factors.dtype)
     order = torch.argsort(uniform((n, 4), 0, 1, generator), dim=1)
     return torch.where(on.view(n, 1), factors, identity), order
 
@@ -309,8 +319,8 @@ def solarize(x: torch.Tensor, on: torch.Tensor, threshold: float = 0.5) -> torch
 
 def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """(x - mean) / std per channel; x: (N, 3, H, W) in [0, 1]."""
-    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = constant(tuple(mean), x.device, x.dtype).view(1, 3, 1, 1)
+    std = constant(tuple(std), x.device, x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
 
 

@@ -636,16 +636,44 @@ class ImageStore:
         return ImageStore(images, self.sizes[idx.to(self.sizes.device)], labels, self.classes,
                           paths, self.skipped)
 
+    @property
+    def index_device(self) -> torch.device:
+        """Where a batch's indices are best drawn: beside the images (a training loop's order is
+        made there, so that gathering a batch reads nothing back from the GPU)."""
+        return self.images.device if isinstance(self.images, torch.Tensor) else \
+            torch.device("cpu")
+
+    def sizes_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """(h, w) of images idx: (B,) -> (B, 2), on the device of `sizes`, without waiting."""
+        return self.sizes[_moved(idx, self.sizes.device)]
+
+    def labels_of(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.labels[_moved(idx, self.labels.device)]
+
     def batch(self, idx: torch.Tensor, device: torch.device):
-        """Images idx: (B,) -> (uint8 (B, 3, L, L), sizes (B, 2) = (h, w)), both on `device`."""
-        sizes = self.sizes[idx.to(self.sizes.device)].to(device, non_blocking=True)
-        if isinstance(self.images, torch.Tensor):
-            rows = self.images[idx.to(self.images.device)]
-        else:
+        """Images idx: (B,) -> (uint8 (B, 3, L, L), sizes (B, 2) = (h, w)), both on `device`.
+        A store in host memory takes host indices (index_device): its rows are gathered straight
+        into pinned memory (torch's caching host allocator) and copied over asynchronously."""
+        sizes = self.sizes_of(idx).to(device, non_blocking=True)
+        if not isinstance(self.images, torch.Tensor):
             rows = torch.from_numpy(self.images[idx.cpu().numpy()])  # read from disk
-        if rows.device.type == "cpu" and device.type == "cuda":
-            rows = rows.pin_memory()  # so the copy below is asynchronous
+            rows = rows.pin_memory() if device.type == "cuda" else rows
+        elif self.images.device.type == "cpu" and device.type == "cuda":
+            rows = torch.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype,
+                               pin_memory=True)
+            torch.index_select(self.images, 0, _moved(idx, self.images.device), out=rows)
+        else:
+            rows = self.images[_moved(idx, self.images.device)]
         return rows.to(device, non_blocking=True), sizes
+
+
+def _moved(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """idx on `device`; host indices go to a GPU through pinned memory, so nothing waits."""
+    if idx.device == device:
+        return idx
+    if idx.device.type == "cpu" and device.type == "cuda":
+        return idx.pin_memory().to(device, non_blocking=True)
+    return idx.to(device)  # from a GPU to the host: a read-back (index_device avoids it)
 
 
 def _pinned_copy(images) -> torch.Tensor:

@@ -29,6 +29,7 @@ paper (S3L, arXiv 2103.13559: every stage of its recipe is one such loop).
 """
 import argparse
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -592,17 +593,25 @@ def torchrun_scope():
                 dist.destroy_process_group()
 
 
+def decode_wait_group(timeout: datetime.timedelta):
+    """A gloo group of every process with its own timeout, for local_rank_0_first: on the default
+    group (NCCL on GPUs) the other processes' wait for a long decode would end the run after NCCL's
+    10-minute watchdog. Every process calls it, once the default group is joined."""
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
 @contextlib.contextmanager
-def local_rank_0_first():
+def local_rank_0_first(group=None):
     """The block runs on each node's local rank 0 first (e.g. decoding into a cache), then on the
-    node's other processes (reading that cache); no process group: just the block."""
+    node's other processes (reading that cache), which wait in a barrier of `group`
+    (decode_wait_group); no process group: just the block."""
     ranks = torchrun_ranks() if _joined() else None
     local_rank = ranks[1] if ranks else None
     if local_rank:
-        dist.barrier()
+        dist.barrier(group=group)
     yield
     if local_rank == 0:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:
@@ -647,6 +656,7 @@ class Runtime:
     local_rank: int = 0  # the process's index on its node, and its GPU
     world_size: int = 1
     local_world_size: int = 1  # processes on this node
+    decode_wait: object = None  # torchrun: the gloo group that waits for a decode (decode_wait_group)
 
     @property
     def is_main(self) -> bool:
@@ -657,6 +667,11 @@ class Runtime:
         """The precision, as one of a failed run's likely causes (the errors that list them)."""
         fp16 = " (fp16 overflows: try --amp bf16 or off)" if self.amp_dtype == torch.float16 else ""
         return self.reason.split(":")[0] + fp16
+
+    def local_rank_0_first(self):
+        """A context: each node's first process decodes a split first, the others wait for it
+        (local_rank_0_first), as long as --decode-timeout allows."""
+        return local_rank_0_first(self.decode_wait)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -706,12 +721,13 @@ class Runtime:
 
 
 def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = True,
-                 tf32: bool = True) -> Runtime:
+                 tf32: bool = True, decode_timeout_min: float = 360.0) -> Runtime:
     """Device and autocast dtype, with the reason. CPU: fp32 (autocast is slower on most CPUs).
 
     CUDA: bf16 only from compute capability 8.0 (Ampere): torch.cuda.is_bf16_supported() is also
     true on older GPUs, where bf16 is emulated and convolutions are very slow; fp16 there.
-    Under torchrun: GPU LOCAL_RANK, and the process group joined (NCCL on GPUs, else Gloo).
+    Under torchrun: GPU LOCAL_RANK, and the process group joined (NCCL on GPUs, else Gloo), with
+    a gloo group that waits up to decode_timeout_min for a node's first process to decode a split.
     """
     ranks = torchrun_ranks()
     if device == "auto":
@@ -756,13 +772,15 @@ def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = 
         dist.init_process_group(backend)
     reason += f", {ranks[2]} processes ({backend})"
     print(f"device: {reason}")
-    return Runtime(device, dtype, channels_last, reason, resample, fold_bn, True, *ranks)
+    wait = decode_wait_group(datetime.timedelta(minutes=decode_timeout_min))
+    return Runtime(device, dtype, channels_last, reason, resample, fold_bn, True, *ranks, wait)
 
 
 def runtime_for(args) -> Runtime:
     """The device, precision and processes every stage of the recipe (paper map) runs with, from
     the flags (setup_device); --sync-bn checked against the device."""
-    runtime = setup_device(args.device, args.amp, args.channels_last, args.tf32)
+    runtime = setup_device(args.device, args.amp, args.channels_last, args.tf32,
+                           getattr(args, "decode_timeout", 360.0))
     if getattr(args, "sync_bn", False) and runtime.device.type != "cuda":
         raise SystemExit("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm has no CPU kernel")
     check_cuda_graphs(args, runtime)  # before any work, not once the run has started
@@ -778,7 +796,7 @@ class GraphedStep:
     inputs: tensors whose shapes never change, copied into the graph's own before each replay. The
     first `warmup` calls run eagerly: they make SGD's momentum buffers and let cuDNN choose its
     algorithms, which a capture cannot. The next call captures, and every call replays; if the
-    capture fails (an operation this torch cannot capture), the run says why and goes on eagerly.
+    capture fails (an operation this torch cannot capture), the run stops with the first cause.
     A replay reads only tensors that keep their place: so the learning rate becomes a tensor on
     the device that s3l.set_lr fills in place (SGD's fused kernel reads it there), while a number
     the step takes from Python stays the capture's (MoCo's m and BYOL's tau: constants). A replay
@@ -804,10 +822,18 @@ class GraphedStep:
             self.inputs = [x.clone() for x in inputs]  # clone keeps channels_last
             try:
                 self.loss, self.replay = self.capture(lambda: self.step(*self.inputs))
-            except RuntimeError as e:  # a capture runs nothing, so the step can still run eagerly
-                print(f"\n--cuda-graphs: the step could not be captured, so it runs eagerly: {e}")
-                self.replay = False
-                return self.step(*inputs)
+            except RuntimeError as e:
+                # torch.cuda.graph's exit raises "capture invalidated" over the step's own error,
+                # leaving its side stream current and its memory pool held: no eager step can
+                # safely follow, so the run stops here, with the first cause
+                first = e
+                while first.__context__ is not None or first.__cause__ is not None:
+                    first = first.__cause__ or first.__context__
+                cause = (str(first).strip().splitlines() or [type(first).__name__])[0]
+                raise SystemExit(f"\nerror: --cuda-graphs: the step could not be captured as a "
+                                 f"CUDA graph ({type(first).__name__}: {cause[:300]}): drop "
+                                 "--cuda-graphs (the eager step computes the same); nothing was "
+                                 "saved for this epoch, the last checkpoint is unchanged") from None
         else:
             for static, x in zip(self.inputs, inputs):
                 static.copy_(x)
@@ -1152,7 +1178,8 @@ class Interrupt:
 # settings that do not change what a run computes; every other flag must match on --resume
 NOT_DEFINING = {"resume", "force_resume", "start_over", "save_dir", "device", "amp", "tf32",
                 "channels_last", "compile", "print_freq", "save_every", "eval_every", "knn_every",
-                "knn_k", "knn_t", "knn_train", "knn_val", "test_split", "workers", "cache_dir"}
+                "knn_k", "knn_t", "knn_train", "knn_val", "test_split", "workers", "cache_dir",
+                "decode_timeout"}
 
 
 # settings that decide the shapes of the weights: a resumed run can never change them
@@ -1256,19 +1283,22 @@ class Run:
     resumed: the --resume checkpoint or None. fields: what every checkpoint carries (kind, config,
     backbone, train_files). stages: the pipeline's earlier stages; stage: this one's record (epochs,
     macs_per_image, images_per_epoch, ...; wall_s is added). results: values that the checkpoints
-    carry and save_epoch updates (the supervised stages' test top-1).
+    carry and save_epoch updates (the supervised stages' test top-1). order_device: where each
+    epoch's order lies (the store's index_device: a store in host memory takes host indices).
     """
 
     def __init__(self, runtime: Runtime, state: TrainState, log: RunLog, resumed, *,
                  save_dir: str, save_every: int, seed: int, epochs: int, steps: int,
                  batch_size: int, images: int, print_freq: int, fields: dict, stages: list,
-                 stage: dict, results: dict = None, causes: str = "the learning rate (--lr)"):
+                 stage: dict, results: dict = None, causes: str = "the learning rate (--lr)",
+                 order_device: torch.device = None):
         self.runtime, self.state, self.log, self.causes = runtime, state, log, causes
         self.save_dir, self.save_every, self.seed, self.print_freq = (save_dir, save_every, seed,
                                                                       print_freq)
         self.num_epochs, self.num_steps, self.batch_size, self.images = (epochs, steps,
                                                                          batch_size, images)
         self.fields, self.stages, self.stage = fields, stages, stage
+        self.order_device = order_device or runtime.device  # the store's index_device
         self.results = dict(results or {})
         if resumed:
             state.resume(resumed)
@@ -1296,7 +1326,7 @@ class Run:
         for epoch in range(self.start["epoch"], self.num_epochs):
             self.epoch = epoch
             self.order = epoch_order(self.seed, epoch, self.images, self.generator,
-                                     self.runtime.device)
+                                     self.order_device)
             inside = epoch == self.start["epoch"] and self.start["step"]
             if inside:
                 set_random_states(self.generator, self.start["rng"])

@@ -218,7 +218,10 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training or g <= 1:
             return super().forward(x)
         self.num_batches_tracked.add_(1)
-        momentum = 1 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+        momentum = self.momentum
+        if momentum is None:  # a cumulative average, as BatchNorm's, kept on the device (no .item())
+            self._cumulative_running_stats(x.tensor_split(g)[0])
+            momentum = 0.0  # batch_norm below leaves the running statistics as they are now
         if self.folded and x.shape[0] % g == 0:
             return self._folded(x, g, momentum)
         # one native batch_norm per chunk: fused and channels_last-aware, 2-3x faster forward +
@@ -228,18 +231,36 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
                                        self.eps) for chunk, (mean, var) in zip(x.tensor_split(g),
                                                                                stats)])
 
+    @torch.no_grad()
+    def _cumulative_running_stats(self, chunk: torch.Tensor) -> None:
+        """momentum=None: running = running + (chunk's statistics - running) / batches seen."""
+        var, mean = torch.var_mean(chunk.float(), dim=[0, *range(2, chunk.dim())], correction=1)
+        weight = self.num_batches_tracked.reciprocal()  # a float tensor: 1 / count
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), weight)
+        self.running_var.lerp_(var.to(self.running_var.dtype), weight)
+
     def _folded(self, x: torch.Tensor, g: int, momentum: float) -> torch.Tensor:
         """The same statistics in one batch_norm: the g chunks folded into channels, (N, C, ...)
         -> (N/g, g C, ...), channel block s = chunk s (as the MoCo CIFAR-10 demo's SplitBatchNorm,
         there with interleaved chunks): one kernel a layer instead of g, for the GPU."""
         n, c, rest = x.shape[0] // g, x.shape[1], x.shape[2:]
-        folded = x.reshape(g, n, c, *rest).transpose(0, 1).reshape(n, g * c, *rest)
+        nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and \
+            not x.is_contiguous()
+        if nhwc:  # NHWC in, NHWC out: no view can fold it, so one copy each way, into NHWC
+            h, w = rest
+            folded = x.view(g, n, c, h, w).permute(1, 3, 4, 0, 2).reshape(n, h, w, g * c)
+            folded = folded.permute(0, 3, 1, 2)  # (n, g C, h, w), channels_last
+        else:
+            folded = x.reshape(g, n, c, *rest).transpose(0, 1).reshape(n, g * c, *rest)
         mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)  # updated in place
         y = F.batch_norm(folded, mean, var, self.weight.repeat(g), self.bias.repeat(g), True,
                          momentum, self.eps)
         with torch.no_grad():  # chunk 0's running statistics, as the chunked form keeps
             self.running_mean.copy_(mean[:c])
             self.running_var.copy_(var[:c])
+        if nhwc:  # (n, h, w, g, c) in memory -> (g, n, h, w, c): chunk s's rows, NHWC again
+            y = y.permute(0, 2, 3, 1).reshape(n, h, w, g, c).permute(3, 0, 1, 2, 4)
+            return y.reshape(g * n, h, w, c).permute(0, 3, 1, 2)
         return y.reshape(n, g, c, *rest).transpose(0, 1).reshape(x.shape)
 
 

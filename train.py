@@ -247,6 +247,9 @@ def add_data_args(p):
                    help="where decoded splits are cached")
     p.add_argument("--workers", type=number(int, 0), default=0, help="decoding processes (0: one "
                    "per core; at most one per core)")
+    p.add_argument("--decode-timeout", type=POSITIVE, default=360.0, help="under torchrun, minutes "
+                   "the other processes wait for a node's first process to decode a split (a gloo "
+                   "barrier, not NCCL's 10-minute watchdog)")
 
 
 CONV5_HELP = {  # what --no-conv5 means to each command
@@ -377,7 +380,7 @@ def store_args(args, runtime: runs.Runtime) -> dict:
     then read its cache."""
     return dict(store_size=args.store_size, cache_dir=args.cache_dir, workers=args.workers,
                 cache_max_gb=args.cache_max_gb, device=runtime.device,
-                processes=runtime.local_world_size, around_decode=runs.local_rank_0_first)
+                processes=runtime.local_world_size, around_decode=runtime.local_rank_0_first)
 
 
 def train_split_args(args, runtime: runs.Runtime) -> dict:
@@ -469,7 +472,7 @@ def open_run(args, runtime, *, architecture: Architecture, model, params, resume
                     epochs=args.epochs, steps=steps, batch_size=args.batch_size, stages=stages,
                     images=len(train_store), print_freq=args.print_freq, fields=fields,
                     stage=dict(command=args.command, **asdict(architecture), **stage),
-                    results=results, causes=causes)
+                    results=results, causes=causes, order_device=train_store.index_device)
 
 
 def summarize(args, log, runtime, *, architecture: Architecture, stages: list, **results) -> dict:
@@ -500,7 +503,7 @@ def pretrain_views(store: data.ImageStore, idx: torch.Tensor, augmenter: augment
     of the whole batch are drawn, so any number of processes sees the same views.
     Returns view1, view2: (n, 3, input_size, input_size) each, as the model wants them."""
     images, _ = store.batch(runtime.share(idx), runtime.device)  # uint8 (n, 3, L, L)
-    params = [runtime.share(augmenter.sample(store.sizes[idx], generator)) for _ in range(2)]
+    params = [runtime.share(augmenter.sample(store.sizes_of(idx), generator)) for _ in range(2)]
     return tuple(runtime.prepare((apply or augmenter.apply)(images, p)) for p in params)
 
 
@@ -799,11 +802,11 @@ def classifier_batch(train_store: data.ImageStore, idx: torch.Tensor, generator,
     processes. Returns (x (n, 3, input_size, input_size) as the model wants it, y (n,))."""
     mine = runtime.share(idx)
     images, _ = train_store.batch(mine, runtime.device)
-    crops = augment.finetune_train_params(train_store.sizes[idx], input_size, generator,
+    crops = augment.finetune_train_params(train_store.sizes_of(idx), input_size, generator,
                                           random_resized_crop)
     x = augment.finetune_train_view(images, runtime.share(crops), input_size,
                                     dtype=runtime.resample_dtype)
-    return runtime.prepare(x), train_store.labels[mine]
+    return runtime.prepare(x), train_store.labels_of(mine)
 
 
 def best_top1(best: dict, acc: float, epoch: int) -> dict:
