@@ -38,10 +38,12 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
 import augment
+import checkpoints
+import cli
 import data
+import devices
 import health
 import models
-import runs
 import s3l
 import train
 
@@ -135,22 +137,26 @@ def make_method(args, name, runtime):
     """`name` built as train.py builds it, from train.py's own resolved flags (the method's paper
     defaults; the queue fitted to whole batches).
 
-    Returns (method, model (compiled or not), train_step(view1, view2)): train.pretrain_step,
-    or with --cuda-graphs its CUDA graph (runs.GraphedStep), as train.py runs it.
+    Returns (method, model (compiled or not), train_step(view1, view2) -> (loss, outputs)):
+    train.pretrain_step, or with --cuda-graphs its CUDA graph (devices.GraphedStep), as train.py
+    runs it.
     """
-    bs, moco_k = args.batch_size, train.METHOD_DEFAULTS["moco"]["moco_k"]
-    flags = train.parse_args(["pretrain", "--method", name, "--arch", args.arch, "--batch-size",
+    bs, moco_k = args.batch_size, s3l.METHOD_DEFAULTS["moco"]["moco_k"]
+    flags = cli.parse_args(["pretrain", "--method", name, "--arch", args.arch, "--batch-size",
                               str(bs), "--moco-k", str(max(bs, moco_k // bs * bs))])
     torch.manual_seed(0)
     backbone = models.ARCHS[args.arch](small_stem=args.small_stem)
     fold = runtime.fold_bn if args.fold_bn is None else args.fold_bn
     method = runtime.place(s3l.fold_split_batchnorm_(train.build_method(flags, backbone), fold))
     optimizer = runtime.sgd(method.parameters(), flags.lr, flags.momentum, flags.weight_decay)
-    state = runs.TrainState(method, optimizer, runtime.scaler())
+    state = checkpoints.TrainState(method, optimizer, runtime.scaler())
     model = torch.compile(method) if args.compile else method
-    step = runs.graphed_step(args, runtime, lambda *views: train.pretrain_step(
-        model, state, runtime, *views), optimizer, warmup=max(args.warmup - 1, 1))
-    return method, model, step  # --cuda-graphs: captured within the floor row's warm-up
+    step_fn = devices.GraphedStep(train.pretrain_step, optimizer, warmup=max(args.warmup - 1, 1)) \
+        if args.cuda_graphs else train.pretrain_step  # captured within the floor row's warm-up
+
+    def train_step(view1, view2):
+        return step_fn(model, state, runtime, view1, view2)
+    return method, model, train_step
 
 
 def compile_gap(method, model, views, runtime) -> float:
@@ -161,7 +167,7 @@ def compile_gap(method, model, views, runtime) -> float:
     for module in (eager, model):
         torch.manual_seed(0)
         with runtime.autocast():
-            losses.append(float(module(*views).detach()))
+            losses.append(float(module(*views)[0].detach()))
     return abs(losses[0] - losses[1])
 
 
@@ -197,8 +203,8 @@ def jpeg_files(args) -> list:
 
 def run(args) -> list:
     """Every row, printed as measured, then the table with the ratios."""
-    runtime = runs.setup_device(args.device, args.amp, args.channels_last)
-    runs.check_cuda_graphs(args, runtime)  # before any row
+    runtime = devices.setup_device(args.device, args.amp, args.channels_last)
+    cli.check_cuda_graphs(args, runtime)  # before any row
     print(f"{args.arch} small_stem={args.small_stem} at {args.input_size} px, batch "
           f"{args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
     paths = jpeg_files(args)
@@ -293,20 +299,20 @@ def health_step(method, name: str, step, runtime, print_freq: int = 10):
     count, quiet = [0], contextlib.redirect_stdout(io.StringIO())  # no progress figure here
 
     def stepped():
-        loss, i = step(), count[0]
+        (loss, outputs), i = step(), count[0]
         count[0] += 1
         if monitor.due(i):
             with quiet:
-                monitor.observe(0, i, method.outputs, loss)
+                monitor.observe(0, i, outputs, loss)
     for _ in range(3):  # each kind of call warmed up
         stepped()
     sync(runtime.device)
     t0 = time.perf_counter()
-    step()
+    _, outputs = step()
     sync(runtime.device)
     t1 = time.perf_counter()
     with quiet:
-        monitor.observe(0, 0, method.outputs, torch.zeros(()))
+        monitor.observe(0, 0, outputs, torch.zeros(()))
     t2 = time.perf_counter()
     print(f"  {name}: health measures {1e3 * (t2 - t1):.1f} ms every {print_freq} steps of "
           f"{1e3 * (t1 - t0):.0f} ms = {100 * (t2 - t1) / (print_freq * (t1 - t0)):.2f} % of "
@@ -368,16 +374,16 @@ def count_launches(events, cuda: bool) -> tuple:
 
 def hardware_line(args, name: str, method, rate: float, step, runtime) -> None:
     """How close the full step is to the hardware: TFLOP/s counted as 2 x MACs x passes per image
-    (models.macs, runs.PASSES), as a share of the bf16 matmul rate measured in this run, and the
+    (models.macs, s3l.PASSES), as a share of the bf16 matmul rate measured in this run, and the
     launches and normalisations per step."""
     macs = models.macs(models.ARCHS[args.arch](small_stem=args.small_stem), args.input_size)
-    achieved = 2 * macs * runs.PASSES[name] * rate / 1e12
+    achieved = 2 * macs * s3l.PASSES[name] * rate / 1e12
     peak = matmul_tflops(runtime.device)
     bn_layers = sum(isinstance(m, s3l.SplitBatchNorm) for m in method.modules())
     kernels, host, norms = launches_per_step(step, runtime)
     folded = "folded" if any(getattr(m, "folded", False) for m in method.modules()) else "chunked"
     unit = f"kernels from {host} host launches" if runtime.device.type == "cuda" else "aten ops"
-    print(f"  {name}: {achieved:.3f} TFLOP/s (2 x {macs / 1e9:.3f} GMACs x {runs.PASSES[name]} "
+    print(f"  {name}: {achieved:.3f} TFLOP/s (2 x {macs / 1e9:.3f} GMACs x {s3l.PASSES[name]} "
           f"passes x {rate:.0f} images/s) = {100 * achieved / peak:.1f} % of the bf16 matmul rate "
           f"({peak:.2f} TFLOP/s); per step {kernels} {unit}, {norms} batch_norm calls for "
           f"{bn_layers} BN layers ({folded})", flush=True)
@@ -417,7 +423,7 @@ def print_table(rows) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=runs.HelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--arch", choices=sorted(models.ARCHS), default="resnet18")
     p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 conv1, no max-pool")
     p.add_argument("--input-size", type=int, default=64, help="training resolution in px")

@@ -11,8 +11,8 @@ arXiv 2002.05709); MoCo (He et al. 2020, arXiv 1911.05722) and MoCo v2 (Chen et 
   ranks    rank_and_world_size, concat_all_gather, gather_with_grad  (no-ops in one process)
   heads    mlp, mlp_bn, HEADS, SplitBatchNorm, group_views, ungroup_views, split_batchnorm_,
            fold_split_batchnorm_
-  methods  SimCLR, MoCo, BYOL, METHODS  (each forward(view1, view2) -> loss: one loop trains
-           all; then `outputs`: detached view-1 features (N, d), z1, z2 (N, dim), for health)
+  methods  SimCLR, MoCo, BYOL, METHODS  (each forward(view1, view2) -> loss, outputs: one loop
+           trains all; outputs: detached view-1 features (N, d), z1, z2 (N, dim), for health)
   eval     knn_top1
   recipe   freeze_all_but_conv5 (small architecture: conv1-4 from SSL, a fresh conv5 warmed up),
            mixup, mixup_loss, classifier_loss (fine-tuning with mixup); set_lr, lr_at (warm-up,
@@ -219,7 +219,7 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         self.num_batches_tracked.add_(1)
         momentum = self.momentum
-        if momentum is None:  # a cumulative average, as BatchNorm's, kept on the device (no .item())
+        if momentum is None:  # a cumulative average, as BatchNorm's, on the device (no .item())
             self._cumulative_running_stats(x.tensor_split(g)[0])
             momentum = 0.0  # batch_norm below leaves the running statistics as they are now
         if self.folded and x.shape[0] % g == 0:
@@ -308,7 +308,8 @@ class SimCLR(nn.Module):
 
     encoder: a ResNet whose `fc` becomes the head: "mlp" Linear(d, d)-ReLU-Linear(d, dim), the
     official S3L --mlp head, or "mlp-bn" (mlp_bn), SimCLR's own. forward(view1, view2): (N, 3, H, W)
-    each -> scalar loss; both views go through one pass, as the official code concatenates them.
+    each -> (scalar loss, outputs for health); both views go through one pass, as the official code
+    concatenates them.
     Deviations from the official code: negatives come from the whole batch (2N - 2), not per GPU,
     and are gathered from every process when there are several (gather_negatives=False keeps the
     official per-GPU negatives there). The loss is multiplied by c = temperature / base_temperature
@@ -331,12 +332,12 @@ class SimCLR(nn.Module):
     def backbone(self) -> nn.Module:
         return self.encoder
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor):
         x = group_views(view1, view2, self.bn_splits)  # (2N, 3, H, W): one pass
         h = self.encoder.forward_features(x)  # (2N, d)
         z1, z2 = ungroup_views(self.encoder.fc(h), self.bn_splits)  # (N, dim) each
-        self.outputs = dict(features=ungroup_views(h, self.bn_splits)[0].detach(),
-                            z1=z1.detach(), z2=z2.detach())
+        outputs = dict(features=ungroup_views(h, self.bn_splits)[0].detach(),
+                       z1=z1.detach(), z2=z2.detach())
         rank, world_size = rank_and_world_size()
         if self.gather_negatives and world_size > 1:
             # every rank's rows as candidates, gradients back to ours: with DDP's mean over ranks
@@ -346,7 +347,7 @@ class SimCLR(nn.Module):
             loss = nt_xent_gathered(z1, z2, self.temperature, z1_all, z2_all, rank)
         else:
             loss = nt_xent(z1, z2, self.temperature)
-        return loss * (self.temperature / self.base_temperature)
+        return loss * (self.temperature / self.base_temperature), outputs
 
 
 # ----- MoCo v2 (He et al. 2020; Chen et al. 2020b) ------------------------------------------------
@@ -356,8 +357,8 @@ class MoCo(nn.Module):
 
     encoder: a ResNet whose `fc` becomes the head (HEADS: "mlp" Linear(d, d)-ReLU-Linear(d, dim),
     the MoCo v2 head, or "mlp-bn", MoCo v3's); encoder_k is its EMA copy. queue: (dim, moco_k)
-    normalised keys, a FIFO ring. forward(view1, view2): (N, 3, H, W) each -> scalar loss, with
-    view1 as queries and view2 as keys. bn_splits > 1 emulates
+    normalised keys, a FIFO ring. forward(view1, view2): (N, 3, H, W) each -> (scalar loss,
+    outputs), with view1 as queries and view2 as keys. bn_splits > 1 emulates
     per-GPU shuffle-BN on one device. With several processes, shuffle-BN spans every rank and the
     keys of all ranks are enqueued (official _batch_shuffle_ddp, concat_all_gather), so every
     queue is the same; encoder_k needs no communication: DDP keeps encoder_q, hence its EMA, equal.
@@ -408,15 +409,15 @@ class MoCo(nn.Module):
         self.queue.index_copy_(1, idx, F.normalize(k.float(), dim=1).T)
         self.queue_ptr.copy_((self.queue_ptr + n) % self.queue.shape[1])
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor):
         h = self.encoder_q.forward_features(view1)  # (N, d)
         q = self.encoder_q.fc(h)  # (N, dim)
         momentum_update_(self.encoder_k, self.encoder_q, self.moco_m)  # before the keys, as in MoCo
         k = self._keys(view2)  # (N, dim), no gradient
-        self.outputs = dict(features=h.detach(), z1=q.detach(), z2=k)
+        outputs = dict(features=h.detach(), z1=q.detach(), z2=k)
         loss = info_nce(q, k, self.queue.clone(), self.moco_t)  # clone: the enqueue writes in place
         self._dequeue_and_enqueue(k)
-        return loss
+        return loss, outputs
 
 
 # ----- BYOL (Grill et al. 2020) -------------------------------------------------------------------
@@ -426,9 +427,10 @@ class BYOL(nn.Module):
 
     encoder: a ResNet whose `fc` becomes the projector Linear(d, hidden)-BN-ReLU-Linear(hidden,
     dim); the predictor is Linear(dim, hidden)-BN-ReLU-Linear(hidden, dim) (the official S3L
-    script: 4096 / 128, tau 0.99 constant). forward(view1, view2): (N, 3, H, W) each -> symmetrised
-    loss in [0, 8]. The target moves by EMA at the start of each forward, which equals the official
-    update after each optimizer step. BN sees one view of one GPU's images at a time, as the
+    script: 4096 / 128, tau 0.99 constant). forward(view1, view2): (N, 3, H, W) each ->
+    (symmetrised loss in [0, 8], outputs). The target moves by EMA at the start of each forward,
+    which equals the official update after each optimizer step. BN sees one view of one GPU's
+    images at a time, as the
     official builder runs each view separately: 2 x bn_splits groups over cat([view1, view2]).
     predictor=False: the ablation of BYOL's Table 5b, which collapses (README, health).
     """
@@ -448,7 +450,7 @@ class BYOL(nn.Module):
     def backbone(self) -> nn.Module:
         return self.online
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor):
         momentum_update_(self.target, self.online, self.tau)
         # one pass per network, with per-view BN groups: the same statistics as a pass per view;
         # the running statistics move once a step (view 1's chunk 0), not once per view
@@ -456,11 +458,11 @@ class BYOL(nn.Module):
         h = self.online.forward_features(views)  # (2N, d)
         z = self.online.fc(h)  # (2N, dim): the online projections
         p1, p2 = self.predictor(z).chunk(2)  # (N, dim) each
-        self.outputs = dict(features=h.chunk(2)[0].detach(), z1=z.chunk(2)[0].detach(),
-                            z2=z.chunk(2)[1].detach())
+        outputs = dict(features=h.chunk(2)[0].detach(), z1=z.chunk(2)[0].detach(),
+                       z2=z.chunk(2)[1].detach())
         with torch.no_grad():
             z1, z2 = self.target(views).chunk(2)
-        return byol_loss(p1, z2) + byol_loss(p2, z1)  # view 1 predicts view 2 and vice versa
+        return byol_loss(p1, z2) + byol_loss(p2, z1), outputs  # view 1 predicts view 2, and back
 
 
 METHODS = {"moco": MoCo, "simclr": SimCLR, "byol": BYOL}  # MoCo v2: the paper's main method
@@ -557,3 +559,62 @@ def lr_at(epoch: float, epochs: int, base_lr: float, warmup_epochs: float = 0.0,
         return warmup_from + (base_lr - warmup_from) * epoch / warmup_epochs
     t = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1)
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+# ----- the paper's settings: the official code's defaults, and what a step costs ----------------
+
+
+# The official S3L code's settings on CUB-200 (paper map: MoCo v2, SimCLR, BYOL). A pretraining
+# flag left unset takes its method's value; the resolved config is printed and saved as config.json.
+# lr: SGD (momentum 0.9) for the method's batch, no linear scaling; warm-up epochs apply only above
+# WARMUP_MIN_BATCH images a batch; schedules are the official per-epoch cosine.
+METHOD_DEFAULTS = {
+    "moco": dict(lr=0.03, weight_decay=1e-4,  # the official moco_cub.sh, for batch 128
+                 batch_size=128, bn_batch=32,  # 4 GPUs x 32 images: per-GPU BN (shuffle-BN)
+                 epochs=200, warmup_epochs=0,  # the paper's CUB pretraining, no warm-up
+                 moco_k=4096,  # queue length K, 32 batches (the ImageNet default 65536 is > CUB)
+                 moco_m=0.999,  # key-encoder momentum: MoCo's default
+                 moco_t=0.2),  # softmax temperature of MoCo v2 (v1: 0.07)
+    "simclr": dict(lr=0.5, weight_decay=1e-4,  # SGD, not LARS, for batch 512
+                   batch_size=512, bn_batch=128,  # 4 GPUs x 128 images
+                   epochs=200, warmup_epochs=10,  # linear from lr 0.01, per iteration
+                   simclr_t=0.1,  # NT-Xent temperature of the official script (SimCLR's: 0.5)
+                   simclr_base_t=0.07),  # the SupCon code's loss x T / 0.07 (x1.43 at T 0.1)
+    "byol": dict(lr=0.125, weight_decay=1e-4,  # for batch 128
+                 batch_size=128, bn_batch=32,  # 4 GPUs x 32 images, BN per view
+                 epochs=800, warmup_epochs=10,  # warm-up as SimCLR's rule: only above 256 a batch
+                 byol_tau=0.99,  # target EMA, constant (no cosine ramp to 1)
+                 byol_hidden_dim=4096,  # projector/predictor hidden width (output: --dim 128)
+                 byol_predictor=True),  # False: BYOL's Table 5b ablation, a collapse
+}
+WARMUP_MIN_BATCH = 256  # images: the official code warms up only when the batch exceeds this
+
+# Supervised stages (paper map: fine-tuning, conv5 warm-up, linear probe on target datasets).
+# lr_steps: x0.1 at these epochs; None: cosine per iteration. SGD with momentum 0.9.
+STAGE_DEFAULTS = {
+    "finetune": dict(epochs=120, batch_size=64,  # the S3L recipe on CUB (main_train_mixup.sh)
+                     lr=0.1, weight_decay=5e-4,  # for batch 64
+                     random_resized_crop=False,  # Resize(256) -> RandomCrop(224) + flip
+                     lr_steps=None,  # cosine per iteration, no warm-up
+                     input_size=224),  # px: fine-tuning is at full resolution
+    "warmup-conv5": dict(epochs=10, batch_size=64,  # main_freeze.py: conv5 + fc, 10 epochs
+                         lr=0.1, weight_decay=5e-4,  # for batch 64
+                         random_resized_crop=False,  # as fine-tuning
+                         lr_steps=[60, 80],  # past its 10 epochs: lr stays 0.1, as the script
+                         mixup=False,  # the official warm-up trains without mixup
+                         input_size=224),  # px: the parser default, whatever the pretraining size
+    "linear": dict(epochs=30, batch_size=64,  # the official CUB linear script
+                   lr=10.0, weight_decay=5e-4,  # lr 10 on unnormalised features (MoCo lincls: 30)
+                   random_resized_crop=True,  # RRC(224) + flip, as that script (with --data)
+                   lr_steps=[10, 20],  # x0.1 at epochs 10 and 20
+                   input_size=224),  # px
+}
+
+FINETUNE_BN_BATCH = 16  # images: batch 64 by DataParallel on 4 GPUs, BN per GPU
+
+# Backbone passes per training image, in forward-pass units (a backward costs two forwards): MoCo v2
+# trains the query encoder on one view and runs the key encoder on the other (3 + 1); SimCLR trains
+# on both views (2 x 3); BYOL trains the online network on both views and runs the target on both
+# (2 x 3 + 2); fine-tuning 3; the linear probe runs the frozen backbone forward (its fc is ignored).
+# Heads and projectors are not counted: small next to the backbone. FLOPs = 2 x macs() x PASSES.
+PASSES = {"moco": 4, "simclr": 6, "byol": 8, "finetune": 3, "linear": 1}

@@ -25,10 +25,13 @@ import sys
 import time
 from dataclasses import dataclass
 
+import checkpoints
+import cli
 import data
 import health
 import models
 import runs
+import s3l
 import train
 
 GRIDS = ("resolution", "architecture", "data", "method")
@@ -161,7 +164,7 @@ def budget_epochs(arm: Arm, s: dict) -> list:
 def pretrain_pflops_per_epoch(argv: list) -> float:
     """PFLOPs of one pretraining epoch of the command, before it runs (the listing, not the decoded
     store: unreadable files are not known yet)."""
-    args = train.parse_args(argv)
+    args = cli.parse_args(argv)
     architecture = train.resolve_architecture(args)
     listing = data.list_split(args.data, args.train_split)
     n = len(listing.paths)
@@ -169,7 +172,7 @@ def pretrain_pflops_per_epoch(argv: list) -> float:
         n = len(data.subset_indices(listing.labels, args.subset, args.seed))
     images = n // args.batch_size * args.batch_size
     macs = models.macs(architecture.build(), architecture.input_size)
-    return 2 * macs * runs.PASSES[args.method] * images / 1e15
+    return 2 * macs * s3l.PASSES[args.method] * images / 1e15
 
 
 # ----- running the steps ------------------------------------------------------------------------
@@ -275,7 +278,7 @@ def stage_pflops(stage: dict) -> float:
     kind, macs = stage["command"], stage["macs_per_image"]
     images = stage["images_per_epoch"] * stage["epochs"]
     if kind == "pretrain":
-        passes = runs.PASSES[stage["method"]]
+        passes = s3l.PASSES[stage["method"]]
     elif kind == "warmup-conv5":  # forward through all, backward through conv5 (+ fc) only
         conv5 = macs - models.macs(models.ARCHS[stage["arch"]](
             conv5=False, small_stem=stage["small_stem"], num_classes=0), stage["input_size"])
@@ -284,7 +287,7 @@ def stage_pflops(stage: dict) -> float:
         images = stage["images_per_epoch"]
         passes = 1
     else:
-        passes = runs.PASSES[kind]
+        passes = s3l.PASSES[kind]
     return 2 * macs * passes * images / 1e15
 
 
@@ -344,7 +347,7 @@ def results_markdown(rows: list, evals: list, records: list, settings: dict) -> 
     lines = [f"# S3L study on {settings['data']}", "",
              "Final-epoch top-1 (%), mean ± sample std over the seeds that finished; evaluated "
              f"at {settings['full_size']} px. PFLOPs = 2 × MACs × backbone passes × images "
-             f"trained (runs.PASSES). Device: {devices(records)}.", ""]
+             f"trained (s3l.PASSES). Device: {devices(records)}.", ""]
     columns = [(k, f"{k} top-1 %", max) for k in evals] + [
         ("pretrain_pflops", "pretrain PFLOPs", min), ("total_pflops", "all training PFLOPs", min),
         ("pretrain_min", "pretrain min", min), ("eval_min", "eval min", min),
@@ -450,7 +453,7 @@ def draw_plots(folder: str, rows: list, records: list, evals: list) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="study.py", formatter_class=runs.HelpFormatter,
+        prog="study.py", formatter_class=cli.HelpFormatter,
         allow_abbrev=False,  # --seed or --subset must not pass for --seeds or --subsets
         description="The paper's comparisons in one command: each arm of each grid is a chain of "
         "train.py commands (pretraining, the conv5 warm-up for the small architecture, the "
@@ -462,26 +465,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="resolution", help=f"comma-separated: {', '.join(GRIDS)}")
     p.add_argument("--arms", help="comma-separated arm names to run (default: all of the grids)")
     p.add_argument("--eval", default="finetune", help=f"comma-separated: {', '.join(EVALS)}")
-    p.add_argument("--seeds", type=runs.number(int, 1), default=1, help="runs of each arm "
+    p.add_argument("--seeds", type=cli.number(int, 1), default=1, help="runs of each arm "
                    "(seeds 0..N-1): mean ± std")
-    p.add_argument("--full-size", type=runs.number(int, 8), default=224, help="'full' resolution "
+    p.add_argument("--full-size", type=cli.number(int, 8), default=224, help="'full' resolution "
                    "in px: the paper's 224; the size of every evaluation")
-    p.add_argument("--small-size", type=runs.number(int, 8), help="pretraining size of the "
+    p.add_argument("--small-size", type=cli.number(int, 8), help="pretraining size of the "
                    "architecture, data and method grids (default: full / 2, the paper's 112)")
-    p.add_argument("--method", choices=sorted(train.METHOD_DEFAULTS), default="moco",
+    p.add_argument("--method", choices=sorted(s3l.METHOD_DEFAULTS), default="moco",
                    help="pretraining method outside the method grid (MoCo v2: the paper's main "
                    "one)")
-    p.add_argument("--epochs", type=runs.number(int, 1), help="pretraining epochs of every arm "
+    p.add_argument("--epochs", type=cli.number(int, 1), help="pretraining epochs of every arm "
                    "(default: the method's)")
-    p.add_argument("--stage2-epochs", type=runs.number(int, 1), help="epochs at full size after "
+    p.add_argument("--stage2-epochs", type=cli.number(int, 1), help="epochs at full size after "
                    "the half-size stage of the multi-stage arm (default: epochs / 4, the paper's "
                    "200 + 50)")
-    p.add_argument("--eval-epochs", type=runs.number(int, 1), help="epochs of fine-tuning and of "
+    p.add_argument("--eval-epochs", type=cli.number(int, 1), help="epochs of fine-tuning and of "
                    "the linear probe (default: theirs, 120 and 30)")
     p.add_argument("--subsets", default="50%,25%", help="data grid: the seeded subsets of the "
                    "train split, comma-separated: P%% (a fraction of every class), or train.py "
                    "--subset specs (per-class=N, total=N, classes=C+total=N)")
-    p.add_argument("--budget-pflops", type=runs.number(float, 0, open_low=True), help="equal "
+    p.add_argument("--budget-pflops", type=cli.number(float, 0, open_low=True), help="equal "
                    "compute instead of equal epochs: each arm's pretraining epochs are set so it "
                    "costs about this many PFLOPs")
     p.add_argument("--launcher", default=sys.executable, help="how each command starts, e.g. "
@@ -490,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         p.add_argument(f"--{stage}-args", default="", help=f"flags for the {stage} commands only, "
                        "as one quoted string")
-    for method in sorted(train.METHOD_DEFAULTS):
+    for method in sorted(s3l.METHOD_DEFAULTS):
         p.add_argument(f"--{method}-args", default="", help=f"flags for the {method} pretraining "
                        "commands only, after --pretrain-args (the method grid: e.g. each method's "
                        "own --lr)")
@@ -524,7 +527,7 @@ def forwarded_args(extra: list) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def stage_flags(stage: str) -> set:
-    return train.stage_flags(stage)
+    return cli.stage_flags(stage)
 
 
 def resolve(argv: list) -> dict:
@@ -536,11 +539,11 @@ def resolve(argv: list) -> dict:
         if not values or set(values) - set(allowed):
             raise SystemExit(f"study: {name} {','.join(values)}: expected a comma-separated list "
                              f"of {', '.join(allowed)}")
-    epochs = args.epochs or train.METHOD_DEFAULTS[args.method]["epochs"]
+    epochs = args.epochs or s3l.METHOD_DEFAULTS[args.method]["epochs"]
     stage_args = forwarded_args(extra)
     for stage in STAGES:
         stage_args[stage] += shlex.split(getattr(args, f"{stage.replace('-', '_')}_args"))
-    method_args = {m: shlex.split(getattr(args, f"{m}_args")) for m in train.METHOD_DEFAULTS}
+    method_args = {m: shlex.split(getattr(args, f"{m}_args")) for m in s3l.METHOD_DEFAULTS}
     return dict(data=args.data, grids=grids, arms=args.arms.split(",") if args.arms else None,
                 eval=evals, seeds=args.seeds, full_size=args.full_size,
                 small_size=args.small_size or args.full_size // 2, method=args.method,
@@ -562,7 +565,7 @@ def subset_spec(text: str) -> str:
 def save_json(path: str, obj) -> None:
     """Write JSON atomically (NaN as null): a killed study never leaves half a file."""
     with open(path + ".tmp", "w") as f:
-        json.dump(runs.json_safe(obj), f, indent=2)
+        json.dump(checkpoints.json_safe(obj), f, indent=2)
     os.replace(path + ".tmp", path)
 
 
@@ -599,7 +602,7 @@ def main(argv: list) -> dict:
         arms = [a for a in arms if a.name in s["arms"]]
     for arm in arms:  # every command parsed before any work: a bad flag stops the study here
         for step in [st for seed in range(s["seeds"]) for st in steps_of(arm, seed, s)]:
-            train.parse_args(list(step.argv))
+            cli.parse_args(list(step.argv))
     runs.lock_run_folder(s["save_dir"])
     check_study_folder(s)
     t0, records = time.time(), []

@@ -18,11 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
+import cli
 import data
 import runs
 import s3l
 import train
-from test_s3l import make_folder, write_image
+from conftest import make_folder, write_image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,7 +78,7 @@ def test_the_default_jobs_resume_hint_is_a_command_that_runs(monkeypatch):
     jobs = []
     monkeypatch.setattr(train, "default_job", jobs.append)
     train.main(["--resume", "runs/default/checkpoint.pt"])
-    args = train.parse_args(jobs[0])
+    args = cli.parse_args(jobs[0])
     assert args.resume == "runs/default/checkpoint.pt" and args.save_dir == "runs/default"
     assert args.method == "simclr" and args.input_size == 32
 
@@ -146,7 +148,8 @@ def test_an_interrupted_decode_leaves_no_temporary_file_and_stale_ones_are_remov
             raise KeyboardInterrupt
         return real(job)
     monkeypatch.setattr(data, "_decode_or_error", interrupted)
-    with pytest.raises(SystemExit, match="interrupted while decoding data-train: nothing was cached"):
+    with pytest.raises(SystemExit, match="interrupted while decoding data-train: nothing was "
+                                         "cached"):
         try:
             data.load_split(listing, 16, cache, workers=1)
         except KeyboardInterrupt:  # left as it is, it would stop pytest itself
@@ -243,13 +246,13 @@ def test_an_interrupted_export_leaves_no_temporary_file_and_stale_ones_are_remov
         raise KeyboardInterrupt
     monkeypatch.setattr(runs.torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        runs.save_checkpoint(str(out), {"w": torch.zeros(2)})
+        checkpoints.save_checkpoint(str(out), {"w": torch.zeros(2)})
     assert os.listdir(tmp_path) == []
 
 
 def test_export_to_a_folder_says_to_name_a_file(tmp_path):
     with pytest.raises(SystemExit, match="is a folder; pass the file to write"):
-        runs.export_backbone(str(tmp_path / "missing.pt"), str(tmp_path))
+        checkpoints.export_backbone(str(tmp_path / "missing.pt"), str(tmp_path))
 
 
 # ----- rough edges: flags, labels, subsets, exports, progress lines -------------------------------
@@ -298,7 +301,7 @@ def test_an_export_carries_its_resolution_and_knn_evaluates_at_it(tmp_path):
     train.main(tiny_pretrain(root, "--epochs", "1", "--save-dir", str(tmp_path / "pre"), *cache))
     train.main(["export", str(tmp_path / "pre" / "checkpoint.pt"), str(tmp_path / "bb.pt")])
     assert json.load(open(tmp_path / "bb.json"))["input_size"] == 16
-    record = train.knn(train.parse_args(["knn", "--data", root, "--pretrained",
+    record = train.knn(cli.parse_args(["knn", "--data", root, "--pretrained",
                                          str(tmp_path / "bb.pt"), "--save-dir",
                                          str(tmp_path / "knn"), *cache]))
     assert record["input_size"] == 16
@@ -332,12 +335,12 @@ def test_the_eta_comes_from_the_pace_of_the_whole_run(capsys, monkeypatch):
 def test_simclrs_collapse_causes_say_the_lr_was_set_for_batch_512(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "data", classes=2, per_class=8)
     seen = []
-    real = runs.health.HealthMonitor
+    real = train.health.HealthMonitor
 
     def capture(*a):
         seen.append(a[-1])
         return real(*a)
-    monkeypatch.setattr(runs.health, "HealthMonitor", capture)
+    monkeypatch.setattr(train.health, "HealthMonitor", capture)
     argv = tiny_pretrain(root, "--epochs", "1", "--save-dir", str(tmp_path / "run"),
                          "--cache-dir", str(tmp_path / "cache"))
     argv[argv.index("--moco-k"):argv.index("--moco-k") + 2] = ["--method", "simclr"]
@@ -370,7 +373,7 @@ def test_a_huge_photo_is_reduced_first_keeps_its_orientation_and_warns_nothing(t
 
 def test_a_fine_tuning_far_above_chance_in_its_first_epoch_is_warned_about(tmp_path, capsys):
     """The default job's README follow-up at the paper's lr 0.1 began at loss 7.0 for 10 classes
-    (chance: ln 10 = 2.3) and ended at chance: the first epoch above 2x chance says to lower --lr."""
+    (chance: ln 10 = 2.3) and ended at chance: a first epoch above 2x chance says to lower --lr."""
     for loss, warned in ((7.0, True), (2.2, False)):
         log = runs.RunLog(str(tmp_path), {}, writes=False, chance=np.log(10))
         log.check({"epoch": 1, "loss": loss})
