@@ -41,6 +41,7 @@ import augment
 import checkpoints
 import cli
 import data
+import decode
 import devices
 import health
 import models
@@ -235,8 +236,8 @@ def store_views(args, paths: list, runtime):
     the next batch's two views by train.pretrain_views (--compile: checked against eager)."""
     listing = data.Listing(paths, None, [], "bench")
     augmenter = augment.SSLAugment(args.input_size, resample_dtype=runtime.resample_dtype)
-    short_side = data.store_short_side(args.input_size, augmenter.scale[0])
-    images, sizes, _ = data.load_split(listing, short_side, args.cache_dir, log=lambda *a: None)
+    short_side = decode.store_short_side(args.input_size, augmenter.scale[0])
+    images, sizes, _ = decode.load_split(listing, short_side, args.cache_dir, log=lambda *a: None)
     store = data.ImageStore(images, sizes).to(runtime.device,
                                                data.store_bytes_limit(runtime.device))
     apply = torch.compile(augmenter.apply) if args.compile else augmenter.apply

@@ -7,7 +7,8 @@ continue a run exactly.
 
   files        state_digest, save_checkpoint, write_failed, read_checkpoint, checkpoint_run_id,
                json_safe, write_json (atomic, always valid JSON)
-  training     TrainState (the one checkpoint format), random_states, set_random_states
+  training     TrainState (the one checkpoint format), random_states, set_random_states,
+               NonFiniteLoss, check_finite_weights (never a checkpoint of NaN weights)
   backbones    backbone_state, checkpoint_backbone, read_backbone, infer_arch, load_backbone,
                load_pretrained, export_backbone, export_sidecar, trained_input_size
   resuming     NOT_DEFINING, SHAPE_DEFINING, files_digest, resume_checkpoint, check_resume
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-import data
+import devices
 import models
 
 
@@ -66,7 +67,7 @@ def save_checkpoint(path: str, state: dict) -> None:
     for other in os.listdir(folder):  # the temp files of a writer that was killed
         pid = other[len(name) + 1:-len(".tmp")]
         if other.startswith(name + ".") and other.endswith(".tmp") and pid.isdigit() and \
-                not data.pid_alive(int(pid)):
+                not devices.pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, other))
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -403,3 +404,17 @@ def write_json(path: str, value: dict) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise write_failed(path, e, "--save-dir") from None
+
+
+class NonFiniteLoss(SystemExit):
+    """Raised by EpochMeter: the run stops (exit status 1) without writing a checkpoint."""
+
+
+def check_finite_weights(module: torch.nn.Module, epoch: int,
+                         causes: str = "the learning rate (--lr)") -> None:
+    """Stop before a checkpoint would save weights that hold NaN or inf; causes: as EpochMeter's."""
+    bad = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteLoss(f"\nerror: after epoch {epoch} the weights hold NaN or inf "
+                            f"({', '.join(bad[:3])}, ...): not saved. Settings of this run that "
+                            f"can cause it: {causes}. The last checkpoint is unchanged.")

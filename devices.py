@@ -353,3 +353,14 @@ def line_start() -> str:
     """How a progress line begins: "\r" on a terminal (it overwrites the last one), a new line in a
     file or pipe (where "\r" would run every line of an epoch together)."""
     return "\r" if sys.stdout.isatty() else "\n"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host runs (a lock's or a temporary file's writer)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True

@@ -7,9 +7,8 @@ paper (S3L, arXiv 2103.13559: every stage of its recipe is one such loop).
   folder     lock_run_folder, unlock_run_folder (one run per folder), claim_run_folder (never mixed
              with another run's results), new_run_id, folder_run_id, check_writable_folder
   records    RunLog (config.json, log.jsonl, summary.json: always valid JSON), EpochMeter (loss
-             summed on the device, the progress line, non-finite losses caught),
-             check_finite_weights, Interrupt (SIGINT/SIGTERM end the current step, then the loop
-             saves and exits)
+             summed on the device, the progress line, non-finite losses caught), Interrupt
+             (SIGINT/SIGTERM end the current step, then the loop saves and exits)
   a loop     epoch_order, Run: the bookkeeping of every training loop of train.py behind a handful
              of calls (epochs, steps, batch, step_done, epoch_record, save_epoch)
 """
@@ -24,7 +23,6 @@ import time
 import torch
 
 import checkpoints
-import data
 import devices
 
 
@@ -59,7 +57,7 @@ def lock_run_folder(save_dir: str) -> None:
             # an empty lock: its writer found the disk full (or died) before writing its pid
             empty = not pid and time.time() - os.path.getmtime(path) > 5
             if not empty and (host != socket.gethostname() or not pid.isdigit() or
-                              data.pid_alive(int(pid))):
+                              devices.pid_alive(int(pid))):
                 who = f"process {pid} on {host}" if pid else "a run that is starting"
                 raise SystemExit(f"--save-dir {save_dir} is in use by {who}: "
                                  "wait for it to finish, or pass another --save-dir (if that "
@@ -202,7 +200,7 @@ class RunLog:
         ratio = abs(loss) / max(abs(self.first_loss), 1e-12)
         what = f"the loss ({loss:.4g}) is {ratio:.0f}x the first epoch's ({self.first_loss:.4g})"
         if self.stop_diverging and ratio > 100:
-            raise NonFiniteLoss(f"\nerror: {what}: training diverges. Lower --lr; this epoch was "
+            raise checkpoints.NonFiniteLoss(f"\nerror: {what}: training diverges. Lower --lr; this epoch was "
                                 "not saved, the last checkpoint is unchanged.")
         if ratio > 10:
             print(f"\nwarning: {what}: training may be diverging (try a lower --lr)")
@@ -229,10 +227,6 @@ class RunLog:
             return
         checkpoints.write_json(os.path.join(self.save_dir, "summary.json"), summary)
         self.log_file.close()
-
-
-class NonFiniteLoss(SystemExit):
-    """Raised by EpochMeter: the run stops (exit status 1) without writing a checkpoint."""
 
 
 class EpochMeter:
@@ -291,7 +285,7 @@ class EpochMeter:
         """Stop when no loss since the last read-back was finite."""
         self.recent = (self.recent + [last_loss])[-5:]
         if finite == self.finite_seen:
-            raise NonFiniteLoss(
+            raise checkpoints.NonFiniteLoss(
                 f"\nerror: the loss is not finite at epoch {self.epoch + 1} step {step + 1} (last "
                 f"losses read back: {', '.join(f'{x:.4g}' for x in self.recent)}). Settings of "
                 f"this run that can cause it: {self.causes}. Nothing was saved for this epoch; the "
@@ -320,16 +314,6 @@ class EpochMeter:
         if nonfinite:
             record.update(loss=float("nan"), loss_of_finite_steps=loss_sum / max(finite, 1))
         return record
-
-
-def check_finite_weights(module: torch.nn.Module, epoch: int,
-                         causes: str = "the learning rate (--lr)") -> None:
-    """Stop before a checkpoint would save weights that hold NaN or inf; causes: as EpochMeter's."""
-    bad = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise NonFiniteLoss(f"\nerror: after epoch {epoch} the weights hold NaN or inf "
-                            f"({', '.join(bad[:3])}, ...): not saved. Settings of this run that "
-                            f"can cause it: {causes}. The last checkpoint is unchanged.")
 
 
 class Interrupt:
@@ -395,8 +379,7 @@ class Run:
     """
 
     def __init__(self, runtime: devices.Runtime, state: checkpoints.TrainState, log: RunLog,
-                 resumed, *,
-                 save_dir: str, save_every: int, seed: int, epochs: int, steps: int,
+                 resumed, *, save_dir: str, save_every: int, seed: int, epochs: int, steps: int,
                  batch_size: int, images: int, print_freq: int, fields: dict, stages: list,
                  stage: dict, results: dict = None, causes: str = "the learning rate (--lr)",
                  order_device: torch.device = None):
@@ -433,6 +416,7 @@ class Run:
         interrupted epoch continues its random streams and loss sums)."""
         for epoch in range(self.start["epoch"], self.num_epochs):
             self.epoch = epoch
+            # reseeded from (seed, epoch): an epoch boundary needs no random state in a checkpoint
             self.order = epoch_order(self.seed, epoch, self.images, self.generator,
                                      self.order_device)
             inside = epoch == self.start["epoch"] and self.start["step"]
@@ -484,7 +468,7 @@ class Run:
         """End of an epoch: stop if the weights are not finite or the loss diverges (RunLog.check),
         write the checkpoint (results updated), and only then log `record`."""
         self.results.update(results)
-        check_finite_weights(self.state.model, self.epoch + 1, self.causes)
+        checkpoints.check_finite_weights(self.state.model, self.epoch + 1, self.causes)
         self.log.check(record)
         self.save(self.epoch + 1)
         self.log.record(record)

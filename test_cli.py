@@ -194,14 +194,14 @@ TORCHRUN_ARGS = ("--method", "moco", "--small-stem", "--no-conv5", "--lr", "0.01
 # run by torchrun: train.py, with a digest of every process's state after every epoch written next
 # to this script (check_finite_weights runs on every process at the end of every epoch)
 DIGESTING_TRAIN = """import os, sys
-import checkpoints, runs, train
-check = runs.check_finite_weights
+import checkpoints, train
+check = checkpoints.check_finite_weights
 def check_and_digest(module, epoch, *causes):
     check(module, epoch, *causes)
     name = f"rank{os.environ['RANK']}-epoch{epoch}"
     open(os.path.join(os.path.dirname(__file__), name), "w").write(
         checkpoints.state_digest(module.state_dict()))
-runs.check_finite_weights = check_and_digest
+checkpoints.check_finite_weights = check_and_digest
 train.main(sys.argv[1:])
 """
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+import decode
 
 from conftest import make_folder, write_image
 
@@ -69,7 +70,7 @@ def test_decoding_handles_every_image_mode(tmp_path):
     red.convert("P").save(tmp_path / "palette.png")
     Image.new("RGBA", (10, 8), (0, 0, 255, 0)).save(tmp_path / "alpha.png")
     Image.new("RGB", (3, 2), (0, 255, 0)).save(tmp_path / "tiny.png")
-    out = {name: data.decode_image(str(tmp_path / name), 16) for name in
+    out = {name: decode.decode_image(str(tmp_path / name), 16) for name in
            ("cmyk.jpg", "grey16.png", "palette.png", "alpha.png", "tiny.png")}
     assert all(v.dtype == np.uint8 for v in out.values())
     assert all(v.shape == (3, 8, 10) for k, v in out.items() if k != "tiny.png")
@@ -86,7 +87,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display: the white half goes to the top
     img.save(tmp_path / "rot.jpg", exif=exif, quality=100)
-    out = data.decode_image(str(tmp_path / "rot.jpg"), 10)  # displayed 10 x 20, centre 13 rows
+    out = decode.decode_image(str(tmp_path / "rot.jpg"), 10)  # displayed 10 x 20, centre 13 rows
     assert out.shape == (3, 13, 10)
     assert out[:, :6].mean() > 200 and out[:, 8:].mean() < 50  # white on top, not on the left
 
@@ -97,14 +98,14 @@ def test_decode_keeps_the_aspect_ratio_up_to_the_cap_and_never_upscales(tmp_path
     smaller than short_side keeps its own pixels."""
     paths = {(w, h): write_image(str(tmp_path / f"{w}x{h}.png"), (w, h)) for w, h in
              [(80, 60), (60, 80), (100, 40), (24, 20)]}
-    assert data.decode_image(paths[80, 60], 30).shape == (3, 30, 40)  # 4:3 whole
-    assert data.decode_image(paths[60, 80], 30).shape == (3, 40, 30)  # portrait whole
-    assert data.decode_image(paths[100, 40], 20).shape == (3, 20, 27)  # 5:2 cut to 4:3
-    assert data.decode_image(paths[60, 80], 30, max_aspect=1).shape == (3, 30, 30)
+    assert decode.decode_image(paths[80, 60], 30).shape == (3, 30, 40)  # 4:3 whole
+    assert decode.decode_image(paths[60, 80], 30).shape == (3, 40, 30)  # portrait whole
+    assert decode.decode_image(paths[100, 40], 20).shape == (3, 20, 27)  # 5:2 cut to 4:3
+    assert decode.decode_image(paths[60, 80], 30, max_aspect=1).shape == (3, 30, 30)
     source = np.asarray(Image.open(paths[80, 60])).transpose(2, 0, 1)
-    centre = data.decode_image(paths[80, 60], 60, max_aspect=1.25)  # 60 x 75 of 60 x 80
+    centre = decode.decode_image(paths[80, 60], 60, max_aspect=1.25)  # 60 x 75 of 60 x 80
     assert np.array_equal(centre, source[:, :, 2:77])
-    small = data.decode_image(paths[24, 20], 64)  # capped at the source's short side
+    small = decode.decode_image(paths[24, 20], 64)  # capped at the source's short side
     assert np.array_equal(small, np.asarray(Image.open(paths[24, 20])).transpose(2, 0, 1))
 
 
@@ -117,7 +118,7 @@ def test_cache_key_covers_short_side_and_max_aspect(tmp_path, capsys):
                                                   (16, 2.0, [16, 32], False),
                                                   (12, 1.5, [12, 18], False),
                                                   (16, 1.5, [16, 24], True)]:
-        images, got, _ = data.load_split(listing, short_side, cache, max_aspect=max_aspect)
+        images, got, _ = decode.load_split(listing, short_side, cache, max_aspect=max_aspect)
         assert got.tolist() == [sizes] * 2 and images.shape == (2, 3, sizes[1], sizes[1])
         assert ("from cache" in capsys.readouterr().out) == cached, (short_side, max_aspect)
     assert len([f for f in os.listdir(cache) if f.endswith(".npy")]) == 3
@@ -136,7 +137,7 @@ def test_unreadable_files_are_skipped_with_a_count_and_non_images_ignored(tmp_pa
         f.write("ignored by extension")
     listing = data.list_split(root, "train")
     assert len(listing.paths) == 5  # .txt is not listed
-    images, sizes, kept = data.load_split(listing, 16, str(tmp_path / "cache"))
+    images, sizes, kept = decode.load_split(listing, 16, str(tmp_path / "cache"))
     assert len(kept) == 3 and images.shape == (3, 3, 19, 19)  # 24 x 20 photos -> 19 x 16
     assert sizes.tolist() == [[16, 19]] * 3
     assert "skipped 2 unreadable of 5" in capsys.readouterr().out
@@ -145,15 +146,15 @@ def test_unreadable_files_are_skipped_with_a_count_and_non_images_ignored(tmp_pa
 def test_disk_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path, capsys):
     root = make_folder(tmp_path, classes=1, per_class=3)
     cache = str(tmp_path / "cache")
-    first, sizes, _ = data.load_split(data.list_split(root, "train"), 16, cache)
+    first, sizes, _ = decode.load_split(data.list_split(root, "train"), 16, cache)
     assert "decoded 3 images" in capsys.readouterr().out
-    again, sizes_again, _ = data.load_split(data.list_split(root, "train"), 16, cache)
+    again, sizes_again, _ = decode.load_split(data.list_split(root, "train"), 16, cache)
     assert "from cache" in capsys.readouterr().out and np.array_equal(first, again)
     assert np.array_equal(sizes, sizes_again) and sizes.dtype == np.int64
     path = data.list_split(root, "train").paths[0]
     Image.new("RGB", (24, 20), (7, 7, 7)).save(path)
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
-    changed, _, _ = data.load_split(data.list_split(root, "train"), 16, cache)
+    changed, _, _ = decode.load_split(data.list_split(root, "train"), 16, cache)
     assert "decoded 3 images" in capsys.readouterr().out
     assert (changed[0, :, :16, :19] == 7).all() and not np.array_equal(changed, first)
 
@@ -161,7 +162,7 @@ def test_disk_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path, caps
 def test_store_gathers_batches_from_memory_and_from_the_memmap_alike(tmp_path, capsys):
     root = make_folder(tmp_path, classes=2, per_class=4)
     listing = data.list_split(root, "train")
-    images, sizes, _ = data.load_split(listing, 16, str(tmp_path / "cache"))
+    images, sizes, _ = decode.load_split(listing, 16, str(tmp_path / "cache"))
     cpu = torch.device("cpu")
     on_disk = data.ImageStore(images, sizes, listing.labels).to(cpu, max_bytes=0)
     in_memory = data.ImageStore(images, sizes, listing.labels).to(cpu, max_bytes=1 << 30)

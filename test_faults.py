@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import checkpoints
 import cli
 import data
+import decode
 import runs
 import s3l
 import train
@@ -140,22 +141,22 @@ def test_an_interrupted_decode_leaves_no_temporary_file_and_stale_ones_are_remov
     root = make_folder(tmp_path / "data", classes=2, per_class=4)
     listing, cache = data.list_split(root, "train"), str(tmp_path / "cache")
     calls = []
-    real = data._decode_or_error
+    real = decode._decode_or_error
 
     def interrupted(job):
         calls.append(job)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(job)
-    monkeypatch.setattr(data, "_decode_or_error", interrupted)
+    monkeypatch.setattr(decode, "_decode_or_error", interrupted)
     with pytest.raises(SystemExit, match="interrupted while decoding data-train: nothing was "
                                          "cached"):
         try:
-            data.load_split(listing, 16, cache, workers=1)
+            decode.load_split(listing, 16, cache, workers=1)
         except KeyboardInterrupt:  # left as it is, it would stop pytest itself
             pytest.fail("Ctrl-C while decoding came out as a KeyboardInterrupt traceback")
     assert cache_files(cache) == []
-    monkeypatch.setattr(data, "_decode_or_error", real)
+    monkeypatch.setattr(decode, "_decode_or_error", real)
     host = socket.gethostname().replace(".", "_")
     stale = [f"train-x.{host}-{dead_pid()}.tmp.npy", f"train-x.{dead_pid()}.tmp.npy",
              f"train-x.{host}-{dead_pid()}.json.tmp"]
@@ -163,7 +164,7 @@ def test_an_interrupted_decode_leaves_no_temporary_file_and_stale_ones_are_remov
             f"train-x.otherhost-{dead_pid()}.tmp.npy"]  # another host's: its pid means nothing
     for name in stale + kept:
         (tmp_path / "cache" / name).write_bytes(b"\0" * 1000)
-    data.load_split(listing, 16, cache, workers=1, log=lambda *a: None)
+    decode.load_split(listing, 16, cache, workers=1, log=lambda *a: None)
     assert not set(stale) & set(cache_files(cache)) and set(kept) <= set(cache_files(cache))
 
 
@@ -173,13 +174,13 @@ def test_ctrl_c_while_decoding_with_workers_prints_one_line_and_leaves_nothing(t
     root = make_folder(tmp_path / "data", classes=2, per_class=40, size=(8, 8))
     script = textwrap.dedent(f"""
         import time, data
-        real = data.decode_image
+        real = decode.decode_image
         def slow(*a, **k):
             time.sleep(0.1)
             return real(*a, **k)
-        data.decode_image = slow
+        decode.decode_image = slow
         print("start", flush=True)
-        data.load_split(data.list_split({root!r}, "train"), 8, {str(tmp_path / "cache")!r},
+        decode.load_split(data.list_split({root!r}, "train"), 8, {str(tmp_path / "cache")!r},
                         workers=2)
     """)
     child = subprocess.Popen([sys.executable, "-c", script], cwd=HERE, start_new_session=True,
@@ -200,7 +201,7 @@ def test_a_damaged_cache_entry_is_named_and_decoded_again(tmp_path, damage):
     (a bad disk): the entry is named in one line, removed and decoded again, never used."""
     root = make_folder(tmp_path / "data", classes=2, per_class=4)
     listing, cache = data.list_split(root, "train"), str(tmp_path / "cache")
-    first = np.array(data.load_split(listing, 16, cache, workers=1, log=lambda *a: None)[0])
+    first = np.array(decode.load_split(listing, 16, cache, workers=1, log=lambda *a: None)[0])
     npy = next(tmp_path.glob("cache/*.npy"))
     if damage == "empty":
         npy.write_bytes(b"")
@@ -209,7 +210,7 @@ def test_a_damaged_cache_entry_is_named_and_decoded_again(tmp_path, damage):
         raw[-500:-400] = bytes(100)  # zeros inside the last image
         npy.write_bytes(bytes(raw))
     lines = []
-    again = np.array(data.load_split(listing, 16, cache, workers=1, log=lines.append)[0])
+    again = np.array(decode.load_split(listing, 16, cache, workers=1, log=lines.append)[0])
     assert np.array_equal(again, first)
     damaged = [line for line in lines if "is damaged" in line]
     assert len(damaged) == 1 and str(npy) in damaged[0] and "decoding again" in damaged[0]
@@ -363,7 +364,7 @@ def test_a_huge_photo_is_reduced_first_keeps_its_orientation_and_warns_nothing(t
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        small = data.decode_image(str(tmp_path / "big.png"), 8)  # factor 160 // 32 = 5
+        small = decode.decode_image(str(tmp_path / "big.png"), 8)  # factor 160 // 32 = 5
     assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
     upright = Image.fromarray(arr).transpose(Image.Transpose.ROTATE_270)
     whole = np.asarray(upright.resize((8, 10), Image.BILINEAR)).transpose(2, 0, 1)

@@ -20,6 +20,7 @@ import augment
 import checkpoints
 import cli
 import data
+import decode
 import runs
 import train
 
@@ -293,9 +294,9 @@ def test_the_cache_is_bounded_oldest_split_first(tmp_path, capsys):
     cache = str(tmp_path / "cache")
     for name, seed in (("old", 0), ("new", 1)):
         root = make_folder(tmp_path / name, classes=1, per_class=4, size=(40, 40))
-        data.load_split(data.list_split(root, "train"), 32, cache, max_bytes=1 << 30)
+        decode.load_split(data.list_split(root, "train"), 32, cache, max_bytes=1 << 30)
         os.utime(next(p for p in (tmp_path / "cache").glob(f"{name}*.npy")), (seed, seed))
-    data.load_split(data.list_split(make_folder(tmp_path / "third", classes=1, per_class=4),
+    decode.load_split(data.list_split(make_folder(tmp_path / "third", classes=1, per_class=4),
                                     "train"), 16, cache, max_bytes=20_000)
     left = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.npy"))
     assert left == ["new", "third"] and "removed" in capsys.readouterr().out
@@ -362,7 +363,7 @@ def test_a_cache_on_a_disk_without_room_is_refused_before_writing(tmp_path, monk
     """Too little free space for the decode buffer: one line naming --cache-dir and the remedies,
     before any file is written (a memory-mapped write past a full disk is a bus error)."""
     root = make_folder(tmp_path / "data", classes=2, per_class=8)
-    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: shutil_usage(free=300 * 1024))
+    monkeypatch.setattr(decode.shutil, "disk_usage", lambda p: shutil_usage(free=300 * 1024))
     with pytest.raises(SystemExit, match="needs up to .* in --cache-dir .* 0.3 MiB free.*"
                                          "--cache-max-gb"):
         train.main(pretrain_argv(root, tmp_path / "run"))

@@ -203,11 +203,21 @@ def sgd_step(state: checkpoints.TrainState, loss: torch.Tensor) -> torch.Tensor:
 
 # ----- pretraining: one loop for every method -----------------------------------------------------
 
+def bn_groups(args, processes: int) -> tuple:
+    """(groups per process, images per group) of the per-GPU BatchNorm that --bn-batch emulates:
+    each process splits its share of the batch into groups of --bn-batch images; 0: one group of
+    its share; --sync-bn: one group of the whole batch."""
+    per_process = args.batch_size // processes
+    if args.sync_bn:
+        return 1, args.batch_size
+    group = args.bn_batch or per_process
+    return per_process // group, group
+
+
 def build_method(args, encoder, processes: int = 1) -> torch.nn.Module:
     """The method of --method around `encoder`, with the paper's hyperparameters from the resolved
-    flags. Each of `processes` splits its share of the batch into BN groups of --bn-batch images
-    (0: one group), emulating the official per-GPU BN."""
-    bn_splits = args.batch_size // processes // args.bn_batch if args.bn_batch else 1
+    flags, its BN in the groups of bn_groups (the official per-GPU BN)."""
+    bn_splits = bn_groups(args, processes)[0]
     if args.method == "moco":
         return s3l.MoCo(encoder, dim=args.dim, moco_k=args.moco_k, moco_m=args.moco_m,
                         moco_t=args.moco_t, bn_splits=bn_splits, head=args.head)
@@ -319,8 +329,7 @@ def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, k
     step_fn = devices.GraphedStep(pretrain_step, run.state.optimizer) if args.cuda_graphs else \
         pretrain_step
     apply = torch.compile(augmenter.apply) if args.compile else augmenter.apply  # one fused graph
-    group = args.batch_size if args.sync_bn else args.bn_batch or \
-        args.batch_size // runtime.world_size
+    group = bn_groups(args, runtime.world_size)[1]
     print(f"pretraining {args.method} {architecture.arch} conv5={architecture.conv5} at "
           f"{architecture.input_size} px on {len(train_store)} images: {run.num_steps} steps an "
           f"epoch, BN groups of {group} images")
@@ -389,7 +398,7 @@ def finetune(args) -> dict:
     runtime, architecture, train_store, test_store, net, stages = supervised_setup(
         args, build_conv5=True)
     if args.bn_batch:  # per-GPU BN; a last, smaller batch splits as evenly as possible
-        s3l.split_batchnorm_(net, args.batch_size // runtime.world_size // args.bn_batch)
+        s3l.split_batchnorm_(net, bn_groups(args, runtime.world_size)[0])
         s3l.fold_split_batchnorm_(net, runtime.fold_bn)
     frozen_bn = []
     if warmup:  # fc N(0, 0.01) as the official main_freeze.py; only conv5 and fc learn
