@@ -173,7 +173,7 @@ def test_ctrl_c_while_decoding_with_workers_prints_one_line_and_leaves_nothing(t
     traceback from any of them, exit status 1, no temporary file in the cache."""
     root = make_folder(tmp_path / "data", classes=2, per_class=40, size=(8, 8))
     script = textwrap.dedent(f"""
-        import time, data
+        import time, data, decode
         real = decode.decode_image
         def slow(*a, **k):
             time.sleep(0.1)
@@ -181,7 +181,7 @@ def test_ctrl_c_while_decoding_with_workers_prints_one_line_and_leaves_nothing(t
         decode.decode_image = slow
         print("start", flush=True)
         decode.load_split(data.list_split({root!r}, "train"), 8, {str(tmp_path / "cache")!r},
-                        workers=2)
+                          workers=2)
     """)
     child = subprocess.Popen([sys.executable, "-c", script], cwd=HERE, start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
