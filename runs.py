@@ -114,9 +114,11 @@ def claim_run_folder(save_dir: str, resume: str, start_over: bool) -> None:
                          f"(drop --save-dir, or pass --save-dir {os.path.dirname(resume) or '.'}) "
                          "or pass an empty --save-dir")
     if not start_over:
+        resume = f"continue it with --resume {save_dir}/checkpoint.pt, " if "checkpoint.pt" in \
+            results else ""  # an evaluation (knn) has no checkpoint to continue
         raise SystemExit(f"--save-dir {save_dir} holds another run's results ({', '.join(results)})"
-                         f": continue it with --resume {save_dir}/checkpoint.pt, keep it and pass "
-                         "another --save-dir, or pass --start-over to move its files aside")
+                         f": {resume}keep it and pass another --save-dir, or pass --start-over to "
+                         "move its files aside")
     aside = os.path.join(save_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
     os.makedirs(aside)
     for name in os.listdir(save_dir):
