@@ -4,8 +4,9 @@ S3L pretrains at *small resolution* on *small data* (Cao & Wu 2021, arXiv 2103.1
 thousand images at 56-112 px. So every image is decoded once with Pillow, its shorter side resized
 to a *store* size (store_short_side) and its aspect ratio kept up to MAX_ASPECT, and the whole split
 is kept as one uint8 array (N, 3, L, L), each image at the top-left of its canvas, plus each
-image's (h, w), cached on disk and memory-mapped (decode.py). Training gathers a batch of indices from that
-array (held whole on the training device when it fits) and augments the batch there (augment.py).
+image's (h, w), cached on disk and memory-mapped (decode.py). Training gathers a batch of indices
+from that array (held whole on the training device when it fits) and augments the batch there
+(augment.py).
 
   readers       list_image_folder, list_flat_folder, list_cub, list_split, default_eval_split,
                 subset_indices
@@ -257,8 +258,8 @@ class ImageStore:
         where they are (a memmap: read from disk per batch), with a message. Sizes and labels
         always move to `device`."""
         images, nbytes = self.images, self.nbytes
-        over = f"store: {decode.format_bytes(nbytes)} is over the {decode.format_bytes(max_bytes)} allowed on " \
-               f"{device}"
+        over = f"store: {decode.format_bytes(nbytes)} is over the " \
+               f"{decode.format_bytes(max_bytes)} allowed on {device}"
         if nbytes <= max_bytes:
             images = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else \
                 images  # np.array reads the whole memmap into memory

@@ -1,5 +1,5 @@
-"""Decode every image of a split once, into one uint8 array cached on disk (S3L's small data at small
-resolution: Cao & Wu 2021, arXiv 2103.13559).
+"""Decode every image of a split once, into one uint8 array cached on disk (S3L's small data at
+small resolution: Cao & Wu 2021, arXiv 2103.13559).
 
 Each image is decoded with Pillow, its shorter side resized to the store's size (store_short_side)
 and its aspect ratio kept up to MAX_ASPECT; the split becomes one (N, 3, L, L) uint8 array, each

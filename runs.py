@@ -202,8 +202,9 @@ class RunLog:
         ratio = abs(loss) / max(abs(self.first_loss), 1e-12)
         what = f"the loss ({loss:.4g}) is {ratio:.0f}x the first epoch's ({self.first_loss:.4g})"
         if self.stop_diverging and ratio > 100:
-            raise checkpoints.NonFiniteLoss(f"\nerror: {what}: training diverges. Lower --lr; this epoch was "
-                                "not saved, the last checkpoint is unchanged.")
+            raise checkpoints.NonFiniteLoss(f"\nerror: {what}: training diverges. Lower --lr; "
+                                            "this epoch was not saved, the last checkpoint is "
+                                            "unchanged.")
         if ratio > 10:
             print(f"\nwarning: {what}: training may be diverging (try a lower --lr)")
 

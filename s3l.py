@@ -471,6 +471,12 @@ METHODS = {"moco": MoCo, "simclr": SimCLR, "byol": BYOL}  # MoCo v2: the paper's
 # ----- evaluation: weighted kNN (Wu et al. 2018) --------------------------------------------------
 
 @torch.no_grad()
+def knn_neighbours(train_feats: torch.Tensor, test_feats: torch.Tensor, k: int):
+    """The k nearest train features of each test feature, nearest first: (cos (M, k), index (M, k)).
+    train_feats: (N, D), test_feats: (M, D), both L2-normalised."""
+    return (test_feats @ train_feats.T).topk(min(k, train_feats.shape[0]), dim=1)
+
+
 def knn_top1(train_feats, train_labels, test_feats, test_labels, k: int = 200,
              t: float = 0.1) -> float:
     """Weighted kNN top-1 in % (Wu et al. 2018, InstDisc; the kNN monitor of the SSL libraries).
@@ -484,7 +490,7 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, k: int = 200,
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     correct = 0
     for start in range(0, test_feats.shape[0], 1024):  # (1024, N) similarity blocks bound memory
-        sim, idx = (test_feats[start:start + 1024] @ train_feats.T).topk(k, dim=1)  # (B, k)
+        sim, idx = knn_neighbours(train_feats, test_feats[start:start + 1024], k)  # (B, k)
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
         weights = ((sim - sim[:, :1]) / t).exp()  # topk is sorted: column 0 is each row's max
         votes.scatter_add_(1, train_labels[idx], weights)  # (B, classes)

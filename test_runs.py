@@ -108,10 +108,10 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     """A NaN loss (lr 1e6, or NaN views from epoch 2 on) exits non-zero naming the step and the
     likely cause; checkpoint.pt keeps the epoch before and no summary claims a result."""
     root = make_folder(tmp_path / "data", classes=2, per_class=8)
-    if poison == "batch":  # 2 steps of 2 views an epoch: the fifth view on is NaN
+    if poison == "batch":  # views.png's 2 views, then 2 steps of 2 an epoch: the 7th on is NaN
         crop_resize, calls = augment.crop_resize, []
         monkeypatch.setattr(augment, "crop_resize", lambda *a, **k: crop_resize(*a, **k) * (
-            float("nan") if calls.append(1) or len(calls) > 4 else 1.0))
+            float("nan") if calls.append(1) or len(calls) > 6 else 1.0))
     lr = ["--lr", "1e6"] if poison == "lr" else []
     with pytest.raises(SystemExit, match="not finite at epoch .* step .*lower --lr") as stop:
         train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "5", *lr))
@@ -166,7 +166,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_is_taken_ov
     train.main(pretrain_argv(root, tmp_path / "run", "--epochs", "1"))
     assert "is gone, taking the folder over" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "config.json", "health.png",
-                                                    "log.jsonl", "summary.json"]
+                                                    "log.jsonl", "summary.json", "views.png"]
 
 
 def test_interrupt_restores_the_previous_signal_handlers_even_when_the_loop_raises():

@@ -33,6 +33,7 @@ import data
 import devices
 import health
 import models
+import pictures
 import runs
 import s3l
 
@@ -153,11 +154,35 @@ def summarize(args, log, runtime, *, architecture: Architecture, stages: list, *
 # ----- evaluation: kNN (the features and top-1 of centre views: devices.py) -------------------
 
 def knn_eval(net, bank: data.ImageStore, queries: data.ImageStore, *, input_size: int,
-             runtime: devices.Runtime, k: int, t: float) -> float:
+             runtime: devices.Runtime, k: int, t: float, title: str = None):
     """kNN top-1 (%) of the backbone `net`: `bank` is the labelled memory, `queries` are
-    classified."""
+    classified. Returns (top-1, None), or with a title (top-1, the neighbours' picture panel)."""
     feats = [devices.extract_features(net, s, input_size, runtime) for s in (bank, queries)]
-    return s3l.knn_top1(feats[0], bank.labels, feats[1], queries.labels, k, t)
+    acc = s3l.knn_top1(feats[0], bank.labels, feats[1], queries.labels, k, t)
+    return acc, neighbours_panel(bank, queries, *feats, f"{title}: kNN {acc:.1f} %")[0] \
+        if title else None
+
+
+def neighbours_panel(bank: data.ImageStore, queries: data.ImageStore, bank_feats, query_feats,
+                     title: str, k: int = 5, n: int = 6, seed: int = 0):
+    """n seeded queries of `queries`, each with its k nearest memory images (s3l.knn_neighbours,
+    the kNN's own top-k), framed green where of the query's class: a panel of neighbours.png.
+    Returns (panel, query indices (n,), neighbour indices (n, k))."""
+    chosen = torch.randperm(len(queries), generator=torch.Generator().manual_seed(seed))[:n]
+    _, idx = s3l.knn_neighbours(bank_feats, query_feats[chosen.to(query_feats.device)], k)
+    idx, cpu = idx.cpu(), torch.device("cpu")
+    q_images, q_sizes = queries.batch(chosen, cpu)
+    rows, same = [], []
+    for i, row in enumerate(idx):
+        images, sizes = bank.batch(row, cpu)
+        rows.append([pictures.to_image(x, s) for x, s in zip(images, sizes)])
+        query_class = queries.labels_of(chosen[i:i + 1]).cpu()
+        same.append((bank.labels_of(row).cpu() == query_class).tolist())
+    names = [queries.classes[c] if queries.classes else str(c)
+             for c in queries.labels_of(chosen).cpu().tolist()]
+    panel = pictures.draw_neighbours([pictures.to_image(x, s) for x, s in zip(q_images, q_sizes)],
+                                     rows, same, names, title)
+    return panel, chosen, idx
 
 
 # ----- one training step: what the loops run and bench.py times ----------------------------------
@@ -287,6 +312,8 @@ def pretrain(args) -> dict:
     augmenter = augment.SSLAugment(architecture.input_size, scale=tuple(args.crop_scale),
                                    solarize_p=args.solarize_p, blur_p=args.blur_p,
                                    resample_dtype=runtime.resample_dtype)
+    if runtime.is_main and not os.path.exists(os.path.join(args.save_dir, "views.png")):
+        first_views(args, runtime, train_store, augmenter, architecture)
     loop_start = time.time()
     record, knn = train_ssl(args, runtime, run, method=method, train_store=train_store,
                             augmenter=augmenter, knn_sets=(bank, queries),
@@ -298,6 +325,25 @@ def pretrain(args) -> dict:
                      images_per_s=round(trained / (time.time() - loop_start), 1),
                      skipped_files=len(train_store.skipped),
                      health={k: v for k, v in record.items() if k in health.KEYS} or None)
+
+
+def first_views(args, runtime, train_store, augmenter, architecture, k: int = 6):
+    """views.png: the first k images of a fresh run's first batch, as stored, and the two views its
+    first step receives (the same seeded order and generator state, drawn apart: the run's own
+    streams are untouched). Returns the views, (k, 3, S, S) each."""
+    generator = torch.Generator(runtime.device)
+    order = runs.epoch_order(args.seed, 0, len(train_store), generator,
+                             train_store.index_device)  # what the run's epoch 0 draws
+    idx = order[:args.batch_size]
+    view1, view2 = pretrain_views(train_store, idx, augmenter, generator, runtime)
+    images, sizes = train_store.batch(runtime.share(idx)[:k], torch.device("cpu"))
+    a = augmenter
+    caption = (f"{architecture.input_size} px views, crop area {a.scale[0]:g}-{a.scale[1]:g}, "
+               f"jitter p {a.jitter_p:g}, grey p {a.grayscale_p:g}, blur p {a.blur_p:g}, "
+               f"solarize p {a.solarize_p:g}, flip p {a.flip_p:g}")
+    pictures.draw_views(os.path.join(args.save_dir, "views.png"), images, sizes, view1[:k],
+                        view2[:k], caption, a.mean, a.std)
+    return view1[:k], view2[:k]
 
 
 def health_monitor(args, runtime: devices.Runtime, steps: int, group: int):
@@ -351,9 +397,13 @@ def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, k
             record = run.epoch_record()
             record.update(monitor.epoch_record(epoch, record["loss"]) if monitor else {})
             if knn_sets[0] is not None and due(epoch, args.epochs, args.knn_every):
-                knn = knn_eval(method.backbone, *knn_sets, input_size=architecture.input_size,
-                               runtime=runtime, k=args.knn_k, t=args.knn_t)
+                last = epoch + 1 == args.epochs and runtime.is_main  # neighbours.png at the end
+                knn, panel = knn_eval(method.backbone, *knn_sets, runtime=runtime, k=args.knn_k,
+                                      t=args.knn_t, input_size=architecture.input_size,
+                                      title=f"{args.method}, epoch {epoch + 1}" if last else None)
                 record["knn_top1"] = round(knn, 2)
+                if panel:
+                    panel.save(os.path.join(args.save_dir, "neighbours.png"))
             run.save_epoch(record)
             if monitor and runtime.is_main:
                 health.draw(args.save_dir)  # health.png from log.jsonl, every epoch
@@ -571,8 +621,11 @@ def knn(args) -> dict:
     """Weighted kNN top-1 of a checkpoint's backbone, or of the untrained one (seeded)."""
     runtime, architecture, bank, queries, net, _ = supervised_setup(args)
     log, t0 = run_log(args, runtime, architecture), time.time()
-    acc = knn_eval(runtime.place(net), bank, queries, input_size=architecture.input_size,
-                   runtime=runtime, k=args.knn_k, t=args.knn_t)
+    acc, panel = knn_eval(runtime.place(net), bank, queries, input_size=architecture.input_size,
+                          runtime=runtime, k=args.knn_k, t=args.knn_t,
+                          title=(args.pretrained or "untrained") if runtime.is_main else None)
+    if panel:
+        panel.save(os.path.join(args.save_dir, "neighbours.png"))
     record = dict(knn_top1=round(acc, 2), k=args.knn_k, t=args.knn_t, bank=len(bank),
                   queries=len(queries), input_size=architecture.input_size,
                   wall_s=round(time.time() - t0, 1))
@@ -597,15 +650,25 @@ def default_job(job=cli.DEFAULT_JOB) -> None:
                            **store)
     queries = data.load_store(args.data, "test", args.input_size, **store)
     torch.manual_seed(args.seed)  # the very initialisation the pretraining started from
-    before = knn_eval(runtime.place(architecture.build()), bank, queries,
-                      input_size=args.input_size, runtime=runtime, k=args.knn_k, t=args.knn_t)
+    nets = dict(untrained=architecture.build(), pretrained=architecture.build())
+    _, pretrained = checkpoints.read_backbone(summary["checkpoint"])
+    checkpoints.load_backbone(nets["pretrained"], pretrained)
+    accs, panels = {}, []
+    for name, net in nets.items():  # neighbours.png: the gain the table prints, as a picture
+        accs[name], panel = knn_eval(runtime.place(net), bank, queries, input_size=args.input_size,
+                                     runtime=runtime, k=args.knn_k, t=args.knn_t, title=name)
+        panels.append(panel)
+    before = accs["untrained"]
+    if runtime.is_main:
+        pictures.stack(panels).save(os.path.join(args.save_dir, "neighbours.png"))
     print(f"\nkNN top-1 on the built-in shapes ({len(queries)} test images, {len(data.SHAPES)} "
           f"classes, {architecture.arch} at {args.input_size} px, final epoch)")
     print(f"{'backbone':<34}{'kNN top-1 %':>12}")
     for name, acc in [("untrained", before),
                       (f"{args.method} pretrained, {args.epochs} epochs", summary["knn_top1"])]:
         print(f"{name:<34}{acc:>12.1f}")
-    print(f"total time {time.time() - t0:.0f} s on {runtime.reason}; {summary['checkpoint']}")
+    print(f"total time {time.time() - t0:.0f} s on {runtime.reason}; {summary['checkpoint']}; "
+          f"views.png and neighbours.png beside it")
 
 
 # ----- main ---------------------------------------------------------------------------------------
