@@ -8,12 +8,14 @@ the kNN evaluation's top-k are for a few seeded queries, each neighbour framed g
 or red. health.py draws the run's curves (health.png), study.py the study's plots.
 
   cells     to_image, cell, framed, caption_strip
-  pictures  draw_views, draw_neighbours
+  pictures  draw_views, draw_neighbours, neighbours_panel (a kNN's own top-k, from two stores)
 """
 import textwrap
 
 import torch
 from PIL import Image, ImageDraw
+
+import s3l
 
 CELL = 96  # px of one picture cell
 GREEN, RED, GREY = (40, 160, 60), (200, 40, 40), (90, 90, 90)
@@ -114,3 +116,26 @@ def stack(panels: list) -> Image.Image:
         out.paste(p, (0, y))
         y += p.height
     return out
+
+
+def neighbours_panel(bank, queries, bank_feats, query_feats, title: str, k: int = 5, n: int = 6,
+                     seed: int = 0):
+    """n seeded queries of `queries` (a data.ImageStore), each with its k nearest images of `bank`
+    (s3l.knn_neighbours on bank_feats (N, D) and query_feats (M, D): the kNN's own top-k), framed
+    green where of the query's class: a panel of neighbours.png.
+    Returns (panel, query indices (n,), neighbour indices (n, k))."""
+    chosen = torch.randperm(len(queries), generator=torch.Generator().manual_seed(seed))[:n]
+    _, idx = s3l.knn_neighbours(bank_feats, query_feats[chosen.to(query_feats.device)], k)
+    idx, cpu = idx.cpu(), torch.device("cpu")
+    q_images, q_sizes = queries.batch(chosen, cpu)
+    rows, same = [], []
+    for i, row in enumerate(idx):
+        images, sizes = bank.batch(row, cpu)
+        rows.append([to_image(x, s) for x, s in zip(images, sizes)])
+        query_class = queries.labels_of(chosen[i:i + 1]).cpu()
+        same.append((bank.labels_of(row).cpu() == query_class).tolist())
+    names = [queries.classes[c] if queries.classes else str(c)
+             for c in queries.labels_of(chosen).cpu().tolist()]
+    panel = draw_neighbours([to_image(x, s) for x, s in zip(q_images, q_sizes)], rows, same,
+                            names, title)
+    return panel, chosen, idx

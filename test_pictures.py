@@ -54,12 +54,12 @@ def test_neighbours_are_the_knns_own_top_k_in_order_framed_by_class():
     g = torch.Generator().manual_seed(0)
     bank_feats = F.normalize(torch.randn(40, 16, generator=g), dim=1)
     query_feats = F.normalize(torch.randn(12, 16, generator=g), dim=1)
-    panel, chosen, idx = train.neighbours_panel(bank, queries, bank_feats, query_feats, "t", k=5,
+    panel, chosen, idx = pictures.neighbours_panel(bank, queries, bank_feats, query_feats, "t", k=5,
                                                 n=4)
     oracle = torch.argsort(query_feats[chosen] @ bank_feats.T, dim=1, descending=True)[:, :5]
     assert idx.shape == (4, 5) and torch.equal(idx, oracle)
     assert panel.width == 6 * pictures.CELL + 8 and panel.height > 4 * pictures.CELL
-    again = train.neighbours_panel(bank, queries, bank_feats, query_feats, "t", k=5, n=4)
+    again = pictures.neighbours_panel(bank, queries, bank_feats, query_feats, "t", k=5, n=4)
     assert torch.equal(again[1], chosen)  # seeded queries
 
 

@@ -159,30 +159,8 @@ def knn_eval(net, bank: data.ImageStore, queries: data.ImageStore, *, input_size
     classified. Returns (top-1, None), or with a title (top-1, the neighbours' picture panel)."""
     feats = [devices.extract_features(net, s, input_size, runtime) for s in (bank, queries)]
     acc = s3l.knn_top1(feats[0], bank.labels, feats[1], queries.labels, k, t)
-    return acc, neighbours_panel(bank, queries, *feats, f"{title}: kNN {acc:.1f} %")[0] \
+    return acc, pictures.neighbours_panel(bank, queries, *feats, f"{title}: kNN {acc:.1f} %")[0] \
         if title else None
-
-
-def neighbours_panel(bank: data.ImageStore, queries: data.ImageStore, bank_feats, query_feats,
-                     title: str, k: int = 5, n: int = 6, seed: int = 0):
-    """n seeded queries of `queries`, each with its k nearest memory images (s3l.knn_neighbours,
-    the kNN's own top-k), framed green where of the query's class: a panel of neighbours.png.
-    Returns (panel, query indices (n,), neighbour indices (n, k))."""
-    chosen = torch.randperm(len(queries), generator=torch.Generator().manual_seed(seed))[:n]
-    _, idx = s3l.knn_neighbours(bank_feats, query_feats[chosen.to(query_feats.device)], k)
-    idx, cpu = idx.cpu(), torch.device("cpu")
-    q_images, q_sizes = queries.batch(chosen, cpu)
-    rows, same = [], []
-    for i, row in enumerate(idx):
-        images, sizes = bank.batch(row, cpu)
-        rows.append([pictures.to_image(x, s) for x, s in zip(images, sizes)])
-        query_class = queries.labels_of(chosen[i:i + 1]).cpu()
-        same.append((bank.labels_of(row).cpu() == query_class).tolist())
-    names = [queries.classes[c] if queries.classes else str(c)
-             for c in queries.labels_of(chosen).cpu().tolist()]
-    panel = pictures.draw_neighbours([pictures.to_image(x, s) for x, s in zip(q_images, q_sizes)],
-                                     rows, same, names, title)
-    return panel, chosen, idx
 
 
 # ----- one training step: what the loops run and bench.py times ----------------------------------
