@@ -128,14 +128,13 @@ def neighbours_panel(bank, queries, bank_feats, query_feats, title: str, k: int 
     _, idx = s3l.knn_neighbours(bank_feats, query_feats[chosen.to(query_feats.device)], k)
     idx, cpu = idx.cpu(), torch.device("cpu")
     q_images, q_sizes = queries.batch(chosen, cpu)
-    rows, same = [], []
-    for i, row in enumerate(idx):
+    q_labels = queries.labels_of(chosen).cpu()  # (n,)
+    same = (bank.labels_of(idx.flatten()).cpu().view(idx.shape) == q_labels[:, None]).tolist()
+    rows = []
+    for row in idx:
         images, sizes = bank.batch(row, cpu)
         rows.append([to_image(x, s) for x, s in zip(images, sizes)])
-        query_class = queries.labels_of(chosen[i:i + 1]).cpu()
-        same.append((bank.labels_of(row).cpu() == query_class).tolist())
-    names = [queries.classes[c] if queries.classes else str(c)
-             for c in queries.labels_of(chosen).cpu().tolist()]
+    names = [queries.classes[c] if queries.classes else str(c) for c in q_labels.tolist()]
     panel = draw_neighbours([to_image(x, s) for x, s in zip(q_images, q_sizes)], rows, same,
                             names, title)
     return panel, chosen, idx
