@@ -1,17 +1,7 @@
 """Checkpoints: one format for every training command, written atomically with a checksum inside,
-and the ResNet backbones inside them (ours, exports, the official S3L/MoCo/BYOL ones).
-
-S3L's recipe (Cao & Wu 2021, arXiv 2103.13559) moves conv1-4 from stage to stage: pretraining at
-small resolution, the conv5 warm-up, fine-tuning. These functions carry them, and let --resume
-continue a run exactly.
-
-  files        state_digest, save_checkpoint, write_failed, read_checkpoint, checkpoint_run_id,
-               json_safe, write_json (atomic, always valid JSON)
-  training     TrainState (the one checkpoint format), random_states, set_random_states,
-               NonFiniteLoss, check_finite_weights (never a checkpoint of NaN weights)
-  backbones    backbone_state, checkpoint_backbone, read_backbone, infer_arch, load_backbone,
-               load_pretrained, export_backbone, export_sidecar, trained_input_size
-  resuming     NOT_DEFINING, SHAPE_DEFINING, files_digest, resume_checkpoint, check_resume
+the ResNet backbones in them (ours, exports, the official S3L/MoCo/BYOL ones), and the checks that
+let --resume continue a run exactly. S3L's recipe (Cao & Wu 2021, arXiv 2103.13559) carries conv1-4
+from stage to stage: pretraining at small resolution, the conv5 warm-up, fine-tuning.
 """
 import contextlib
 import hashlib
@@ -37,8 +27,8 @@ def checkpoint_run_id(path: str):
 
 
 def state_digest(obj) -> str:
-    """SHA-256 of a checkpoint's contents (tensors by their bytes, other values by repr), walked in
-    key order: stored inside the file, it detects a file whose bytes changed after writing."""
+    """SHA-256 of a checkpoint's contents (tensors by their bytes, other values by repr) in key
+    order: stored inside the file, it detects bytes changed after writing."""
     h = hashlib.sha256()
 
     def walk(x):
@@ -85,9 +75,8 @@ def save_checkpoint(path: str, state: dict) -> None:
 def write_failed(path: str, error: Exception, where: str,
                  lost: str = "Nothing half-written was left; the last complete checkpoint is "
                              "unchanged.") -> SystemExit:
-    """One line for a write that failed (a full disk, a read-only file system, no permission):
-    the file, the free space of its folder and what to do; `where` names the flag to change,
-    `lost` what became of the run's work."""
+    """One line for a failed write (full disk, read-only, no permission): the file, its folder's
+    free space, the flag to change (`where`) and what became of the run's work (`lost`)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
@@ -124,16 +113,15 @@ def read_checkpoint(path: str) -> dict:
 
 @dataclass
 class TrainState:
-    """What a training checkpoint holds besides the settings: the trained module (the uncompiled
-    one, so keys never gain `_orig_mod.`), its optimizer and the fp16 gradient scaler."""
+    """What a training checkpoint holds besides the settings: the trained module (uncompiled: no
+    `_orig_mod.` keys), its optimizer and the fp16 gradient scaler."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
 
     def checkpoint(self, epoch: int, **fields) -> dict:
-        """The one checkpoint format of every training command: the state after `epoch` complete
-        epochs, with `fields` (Run: the command as `kind`, its resolved `config`, the `backbone`,
-        the pipeline's `stages`, `wall_s`; an interrupted epoch adds `step` and random states)."""
+        """The one checkpoint format of every training command: the state after `epoch` epochs,
+        with `fields` (Run's: kind, config, architecture, stages, wall_s; mid-epoch: step, rng)."""
         return dict(format="s3l", model=self.model.state_dict(),
                     optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                     epoch=epoch, **fields)
@@ -147,8 +135,8 @@ class TrainState:
 
 
 def random_states(generator: torch.Generator) -> dict:
-    """The RNG states an interrupted epoch continues from: the augmentation's and torch's own (of
-    the current CUDA device only: under torchrun every process has its own)."""
+    """The RNG states an interrupted epoch continues from: the augmentation's and torch's (of the
+    current CUDA device only: under torchrun every process has its own)."""
     states = dict(generator=generator.get_state(), torch=torch.get_rng_state())
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
@@ -169,12 +157,8 @@ BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.encoder.", "enco
 
 
 def backbone_state(state_dict: dict) -> dict:
-    """The ResNet backbone of any supported state_dict, with torchvision names and no `fc`.
-
-    Accepts a plain ResNet state_dict (an export, a fine-tuned model) or an SSL model's (ours:
-    encoder_q., encoder., online.; official: module.encoder_q., encoder_q., module.). Heads and
-    queues are dropped.
-    """
+    """The ResNet backbone of a plain ResNet state_dict (an export, a fine-tuned model) or an SSL
+    model's (BACKBONE_PREFIXES), with torchvision names; fc, heads and queues dropped."""
     for prefix in BACKBONE_PREFIXES:
         if any(key.startswith(prefix) for key in state_dict):
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -215,12 +199,9 @@ def infer_arch(state: dict):
 
 
 def load_backbone(model: torch.nn.Module, state: dict, allow_missing=("fc.",)) -> list:
-    """Load backbone weights into `model`; a partial load only where `allow_missing` says.
-
-    state: a backbone state_dict (see backbone_state). Returns the missing keys that were allowed
-    (e.g. `layer4.` when conv1-4 come from a small-architecture checkpoint). Raises ValueError
-    naming the missing, unexpected or mis-shaped keys otherwise, never loading silently in part.
-    """
+    """Load a backbone state_dict into `model`, in part only where `allow_missing` says (`layer4.`
+    from a small-architecture checkpoint); returns those missing keys. Raises ValueError naming the
+    missing, unexpected or mis-shaped keys otherwise: never a silent partial load."""
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.startswith(tuple(allow_missing))]
     unexpected = [k for k in state if k not in own]
@@ -255,8 +236,8 @@ def load_pretrained(model, state: dict, path: str, keep_conv5: bool) -> None:
 
 def export_backbone(checkpoint: str, out: str) -> None:
     """`train.py export`: a checkpoint's backbone as a plain state_dict with torchvision ResNet
-    names, no fc; it loads with strict=True into models.resnetXX(num_classes=0) of the same depth.
-    Never written onto its own input or onto another training checkpoint."""
+    names, no fc (strict=True into models.resnetXX(num_classes=0)), and its sidecar JSON. Never
+    written onto its own input or onto another training checkpoint."""
     what = None
     if os.path.isdir(out) or out.endswith(os.sep):
         raise SystemExit(f"export: {out} is a folder; pass the file to write, e.g. "
@@ -326,9 +307,9 @@ def files_digest(paths) -> str:
 
 
 def resume_checkpoint(path, command: str, method: str = None, epochs: int = None):
-    """The --resume checkpoint at `path` (None: a fresh run), if it is one of `command` (and
-    `method`); else one line saying what it is and which command takes it. A run that finished
-    its `epochs` says so and exits 0 before anything is written: its results stay as they are."""
+    """The --resume checkpoint at `path` (None: a fresh run) if it is `command`'s (and `method`'s),
+    else one line saying which command takes it. A run that finished its `epochs` exits 0 before
+    anything is written."""
     if not path:
         return None
     ckpt = read_checkpoint(path)
@@ -356,10 +337,9 @@ def resume_checkpoint(path, command: str, method: str = None, epochs: int = None
 
 def check_resume(path: str, ckpt: dict, settings: dict, train_files, world_size: int,
                  force: bool = False) -> None:
-    """A resumed run must be the checkpoint's run: the same training files and every setting that
-    defines it (all of `settings` but NOT_DEFINING); a difference exits listing it (force, as
-    --force-resume: goes on). Another number of processes continues the same run (same batches,
-    views and BN groups)."""
+    """A resumed run must be the checkpoint's: the same training files and every setting but
+    NOT_DEFINING; a difference exits listing it (force, --force-resume: goes on, unless it changes
+    a shape). Another number of processes continues the same run."""
     old = dict(ckpt["config"], train_files=ckpt.get("train_files"))
     new = dict(settings, train_files=files_digest(train_files))
     diffs = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in sorted(new)

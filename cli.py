@@ -4,10 +4,6 @@ check each number, and the checks of flags against each other and the data, befo
 The defaults are the official S3L code's (Cao & Wu 2021, arXiv 2103.13559), per method and per
 stage: s3l.METHOD_DEFAULTS and s3l.STAGE_DEFAULTS. parse_args resolves every flag that depends on
 another once, into plain values; nothing below the command line reads these flags again.
-
-  value types  HelpFormatter, number, POSITIVE, device_name, Parser, subset_spec
-  the parser   DEFAULT_JOB, build_parser, stage_flags, the add_* groups of flags, parse_args
-  checks       check_process_flags, check_pretrain_args, check_paths, check_cuda_graphs, runtime_for
 """
 import argparse
 import math
@@ -165,7 +161,6 @@ DEFAULT_JOB = ["pretrain", "--method", "simclr", "--arch", "resnet18", "--input-
                "--simclr-base-t", "0.2", "--warmup-epochs", "0", "--bn-batch", "128",
                "--crop-scale", "0.5", "1.0", "--save-dir", "runs/default", "--knn-every", "0",
                "--start-over"]  # a second `python train.py` moves the first one's files aside
-
 
 
 def build_parser() -> argparse.ArgumentParser:

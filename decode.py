@@ -1,13 +1,11 @@
 """Decode every image of a split once, into one uint8 array cached on disk (S3L's small data at
 small resolution: Cao & Wu 2021, arXiv 2103.13559).
 
-Each image is decoded with Pillow, its shorter side resized to the store's size (store_short_side)
-and its aspect ratio kept up to MAX_ASPECT; the split becomes one (N, 3, L, L) uint8 array, each
-image at the top-left of its canvas, with each image's (h, w), written atomically with a checksum
-and memory-mapped. The cache key covers every file's path, size and mtime.
-
-  decoding  store_short_side, decode_image (EXIF, every colour mode, huge photos reduced first)
-  the cache load_split (workers, free space, Ctrl-C), prune_cache, remove_stale_temps
+Each image is decoded with Pillow (EXIF, every colour mode, huge photos reduced first), its shorter
+side resized to the store's size (store_short_side) and its aspect ratio kept up to MAX_ASPECT; the
+split becomes one (N, 3, L, L) uint8 array, each image at the top-left of its canvas, with each
+image's (h, w), written atomically with a checksum and memory-mapped. The cache key covers every
+file's path, size and mtime; decode workers, free space, Ctrl-C and stale files are handled.
 """
 import contextlib
 import hashlib
@@ -45,13 +43,10 @@ MAX_ASPECT = 4 / 3
 # ----- decode once, cache on disk -----------------------------------------------------------------
 
 def store_short_side(input_size: int, min_crop_scale: float = None) -> int:
-    """The store's shorter side (px) for training or evaluating at input_size.
-
-    min_crop_scale (SSL pretraining, RandomResizedCrop's scale[0]): ceil(input_size / sqrt(it)),
-    so even a minimum-area square crop (side >= sqrt(scale) x the short side) is downsampled, never
-    enlarged, where the photo has the pixels: 144 px for 64, 251 px for 112 at scale 0.2.
-    None (fine-tuning, evaluation): round(input_size x 8/7), the official Resize before the crop.
-    """
+    """The store's shorter side (px) for input_size. Pretraining (min_crop_scale: RandomResized-
+    Crop's scale[0]): ceil(input_size / sqrt(it)), so even a minimum-area crop is downsampled,
+    never enlarged (144 px for 64, 251 px for 112 at scale 0.2). None (fine-tuning, evaluation):
+    round(input_size x 8/7), the official Resize before the crop."""
     if min_crop_scale is None:
         return round(input_size * RESIZE_RATIO)
     return math.ceil(input_size / math.sqrt(min_crop_scale))
@@ -80,12 +75,9 @@ EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_
 
 def decode_image(path: str, short_side: int, max_aspect: float = MAX_ASPECT) -> np.ndarray:
     """One image -> uint8 (3, h, w): EXIF orientation applied, RGB, the shorter side resized to
-    `short_side` (PIL's antialiased bilinear, as torchvision's Resize), the longer side then
-    centre-cropped to at most round(shorter x max_aspect) (1: the centre square). Never upscales:
-    a smaller photo keeps its own pixels, as every view resamples each image from its own (h, w).
-    Raises OSError / ValueError for unreadable, truncated or non-image files, and for files that
-    are not regular (a named pipe would block the decoder forever).
-    """
+    `short_side` (antialiased bilinear, as torchvision's Resize; never upscaled), the longer side
+    centre-cropped to at most round(shorter x max_aspect). Raises OSError / ValueError for
+    unreadable, truncated or non-image files, and for non-regular ones (a FIFO would block)."""
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
         kind = "a named pipe" if stat.S_ISFIFO(mode) else "a device or socket"
@@ -150,8 +142,7 @@ def format_bytes(n: int) -> str:
 
 
 def _check_free_space(cache_dir: str, needed: int, name: str) -> None:
-    """Refuse to decode into a disk without room: a memory-mapped write beyond the free space
-    ends the process with a bus error, not an exception."""
+    """Refuse to decode into a disk without room (a memory-mapped write there is a bus error)."""
     free = shutil.disk_usage(cache_dir).free
     if free < needed + 2**24:
         raise ValueError(f"decoding {name} needs up to {format_bytes(needed)} in --cache-dir "
@@ -161,8 +152,7 @@ def _check_free_space(cache_dir: str, needed: int, name: str) -> None:
 
 
 def _compact(tmp: str, n: int, canvas: int) -> str:
-    """Rewrite the decode buffer to exactly (n, 3, canvas, canvas) when skipped files or smaller
-    photos left it larger; returns the path holding the final array."""
+    """The decode buffer cut to (n, 3, canvas, canvas) (skipped files, smaller photos): its path."""
     src = np.load(tmp, mmap_mode="r")
     if src.shape[0] == n and src.shape[-1] == canvas:
         return tmp
@@ -203,8 +193,7 @@ def _file_sha256(path: str) -> str:
 
 
 def _temp_tag() -> str:
-    """host-pid, in the names of this process's temporary cache files: a later run on this host
-    removes those of a process that is gone (remove_stale_temps)."""
+    """host-pid, in this process's temporary file names (remove_stale_temps)."""
     return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
 
 
@@ -213,8 +202,8 @@ STALE_TEMP = re.compile(r"\.(?:(?P<host>[^./]+)-)?(?P<pid>\d+)\.(?:compact\.tmp\
 
 
 def remove_stale_temps(cache_dir: str, log=print) -> None:
-    """Remove the temporary files of decodes that were killed or interrupted on this host (their
-    process is gone): they would fill the disk, and prune_cache does not count them."""
+    """Remove the temporary files of killed decodes on this host (their process is gone): they
+    would fill the disk, uncounted by prune_cache."""
     host = socket.gethostname().replace(".", "_")
     for name in os.listdir(cache_dir):
         m = STALE_TEMP.search(name)
@@ -227,12 +216,9 @@ def remove_stale_temps(cache_dir: str, log=print) -> None:
             log(f"cache: removed {path} ({format_bytes(size)}), left by an interrupted decode")
 
 
-
-
 def _read_cache(base: str, name: str, short_side: int, log):
-    """(images memmap, sizes, kept) of the cache files base.npy + base.json, or None when there is
-    none; a damaged one (empty, truncated, other bytes than the checksum written with it) is
-    named, removed and so decoded again."""
+    """(images memmap, sizes, kept) from base.npy + base.json, or None; a damaged entry (empty,
+    truncated, bytes off its checksum) is named and removed, so it is decoded again."""
     if not (os.path.exists(base + ".npy") and os.path.exists(base + ".json")):
         return None
     try:
@@ -300,15 +286,10 @@ def _decode_into(out: np.ndarray, listing, short_side: int, max_aspect: float,
 
 def load_split(listing, short_side: int, cache_dir: str, workers: int = 0, log=print,
                max_aspect: float = MAX_ASPECT, max_bytes: int = None):
-    """Decode a split once (decode_image), cached in `cache_dir` and memory-mapped.
-
-    listing: a data.Listing (paths, labels, classes, name). Returns (images: np.memmap uint8
-    (N_ok, 3, L, L), each image at the top-left of its canvas,
-    L = the largest long side; sizes: int64 (N_ok, 2) = each image's (h, w); kept: indices into
-    listing.paths that decoded). Unreadable files are skipped and counted, never fatal mid-epoch.
-    The cache key covers every path, its size and mtime, short_side and max_aspect. Decoding runs
-    on `workers` processes (0: all cores). max_bytes bounds the cache folder (prune_cache).
-    """
+    """Decode a split (a data.Listing) once, cached in `cache_dir` and memory-mapped. Returns
+    (images: np.memmap uint8 (N_ok, 3, L, L), each at the top-left of its canvas, L the largest long
+    side; sizes: int64 (N_ok, 2) = (h, w); kept: the indices of listing.paths that decoded).
+    Unreadable files are skipped and counted. workers: 0 is every core. max_bytes: prune_cache's."""
     if max_aspect < 1:
         raise ValueError(f"max_aspect {max_aspect} < 1: it bounds long side / short side")
     os.makedirs(cache_dir, exist_ok=True)

@@ -1,15 +1,7 @@
-"""How a run runs: device and precision decided once, several processes (torchrun), the step as a
-CUDA graph, and evaluation on centre views shared out over the processes.
-
-S3L (Cao & Wu 2021, arXiv 2103.13559) trains small networks at small resolution, so a step is short
-and what surrounds it shows: here it is decided once, in one place, for every stage of the recipe.
-
-  processes    torchrun_ranks, world_size, torchrun_scope (rank 0 prints; the group is left at the
-               end), decode_wait_group, local_rank_0_first, broadcast_buffers, mean_over_processes
-  how it runs  Runtime, setup_device: device, precision and channels_last, with the reason; under
-               torchrun the process group, each process's share of a batch, DDP
-  CUDA graphs  GraphedStep, cuda_graph_capture (--cuda-graphs: the step captured once, replayed)
-  evaluation   centre_view_outputs, extract_features, classify_top1 (centre views, shared out)
+"""How a run runs, decided once for every stage: device, precision and channels_last (Runtime),
+several processes (torchrun), the step as a CUDA graph (GraphedStep), and evaluation on centre views
+shared out over the processes. S3L (Cao & Wu 2021, arXiv 2103.13559) trains small networks at small
+resolution, so a step is short and what surrounds it shows.
 """
 import contextlib
 import datetime
@@ -45,9 +37,8 @@ def joined() -> bool:
 
 @contextlib.contextmanager
 def torchrun_scope():
-    """Around a whole command: under torchrun only rank 0 prints (the others' stdout goes to
-    /dev/null; errors still reach stderr), and the process group is left at the end, on errors
-    too. Outside torchrun: nothing."""
+    """Around a whole command under torchrun: only rank 0 prints (errors still reach stderr), and
+    the process group is left at the end, on errors too."""
     ranks = torchrun_ranks()
     if ranks is None:
         yield
@@ -62,17 +53,15 @@ def torchrun_scope():
 
 
 def decode_wait_group(timeout: datetime.timedelta):
-    """A gloo group of every process with its own timeout, for local_rank_0_first: on the default
-    group (NCCL on GPUs) the other processes' wait for a long decode would end the run after NCCL's
-    10-minute watchdog. Every process calls it, once the default group is joined."""
+    """A gloo group of every process with its own timeout, for local_rank_0_first: on NCCL's group
+    a wait for a long decode would end the run after its 10-minute watchdog."""
     return dist.new_group(backend="gloo", timeout=timeout)
 
 
 @contextlib.contextmanager
 def local_rank_0_first(group=None):
-    """The block runs on each node's local rank 0 first (e.g. decoding into a cache), then on the
-    node's other processes (reading that cache), which wait in a barrier of `group`
-    (decode_wait_group); no process group: just the block."""
+    """The block runs on each node's local rank 0 first (decoding into a cache), then on the
+    node's other processes (reading it), which wait in a barrier of `group`."""
     ranks = torchrun_ranks() if joined() else None
     local_rank = ranks[1] if ranks else None
     if local_rank:
@@ -83,9 +72,8 @@ def local_rank_0_first(group=None):
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:
-    """Rank 0's buffers on every process. Under DDP each process updates its BN running statistics
-    with its own share (DDP broadcasts rank 0's at the next forward only); rank 0's are what its
-    checkpoints hold, so evaluation, split over the processes, must use them too."""
+    """Rank 0's buffers on every process: each updates its BN statistics with its own share (DDP
+    broadcasts at the next forward only), and evaluation must use what rank 0's checkpoint holds."""
     if joined():
         for buffer in module.buffers():
             dist.broadcast(buffer, 0)
@@ -148,18 +136,16 @@ class Runtime:
         return module.to(self.device, memory_format=fmt)
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """What the training step calls: under torchrun, DDP around `module` (gradients averaged
-        over the processes in backward; its state broadcast from rank 0 here); else `module`.
-        Keep `module` itself for state_dict() (no `module.` prefixes) and for evaluation."""
+        """What the training step calls: under torchrun, DDP around `module`; else `module`. Keep
+        `module` itself for state_dict() (no `module.` prefixes) and for evaluation."""
         if not self.distributed:
             return module
         device_ids = [self.device] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
     def share(self, batch):
-        """This process's rows of a global batch: a tensor (B, ...), or a dict or tuple of them,
-        cut into world_size contiguous slices as evenly as possible; the batch itself in one
-        process. The slices of all ranks, in rank order, are the batch."""
+        """This process's rows of a global batch (a tensor (B, ...), or a dict or tuple of them):
+        one of world_size contiguous slices, as even as possible, in rank order."""
         if self.world_size == 1:
             return batch
         if isinstance(batch, dict):
@@ -169,9 +155,8 @@ class Runtime:
         return batch.tensor_split(self.world_size)[self.rank]
 
     def sgd(self, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-        """SGD with weight decay on every parameter, BN and biases included (as the official code),
-        as one fused kernel: on CPU 11x faster than foreach for ResNet-18 (5 vs 62 ms a step,
-        measured), same arithmetic."""
+        """SGD with weight decay on every parameter (as the official code), one fused kernel: on
+        CPU 11x faster than foreach for ResNet-18 (5 vs 62 ms a step, measured)."""
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                fused=True)
 
@@ -236,22 +221,18 @@ def setup_device(device: str = "auto", amp: str = "auto", channels_last: bool = 
 
 
 class GraphedStep:
-    """--cuda-graphs: the whole training step (forward, backward, the SGD step, the EMA update,
-    MoCo's queue) captured once as a CUDA graph, then replayed, so that the host launches one graph
-    a step instead of some thousand kernels (BENCHMARKS.md, "CUDA graphs for the whole step").
+    """--cuda-graphs: the whole training step (forward, backward, SGD, the EMA, MoCo's queue)
+    captured once as a CUDA graph, then replayed: the host launches one graph a step instead of
+    some thousand kernels (BENCHMARKS.md, "CUDA graphs for the whole step").
 
-    step(*args): the eager step (train.pretrain_step(model, state, runtime, view1, view2)); the
-    tensors among args keep their shapes and are copied into the graph's own before each replay,
-    the other args are the same objects every call. The first `warmup` calls run eagerly: they
-    make SGD's momentum buffers and let cuDNN choose its
-    algorithms, which a capture cannot. The next call captures, and every call replays; if the
-    capture fails (an operation this torch cannot capture), the run stops with the first cause.
-    A replay reads only tensors that keep their place: so the learning rate becomes a tensor on
-    the device that s3l.set_lr fills in place (SGD's fused kernel reads it there), while a number
-    the step takes from Python stays the capture's (MoCo's m and BYOL's tau: constants). A replay
-    overwrites what the last one returned (the loss, the method's outputs): read those first.
-    capture(fn) -> (fn's outputs, replay): a CUDA graph (cuda_graph_capture); tests pass a CPU
-    stand-in that records the step's operations and replays them.
+    step(*args): the eager step (train.pretrain_step); the tensors among args are copied into the
+    graph's own before each replay, the other args are the same objects every call. The first
+    `warmup` calls run eagerly (SGD's momentum buffers, cuDNN's choice of algorithms), the next
+    captures (a failure stops the run with its first cause), the rest replay. A replay reads only
+    tensors that keep their place: the learning rate becomes a device tensor that s3l.set_lr fills
+    in place, while a Python number (MoCo's m, BYOL's tau) stays the capture's. A replay overwrites
+    what the last one returned: read it first. capture(fn) -> (fn's outputs, replay):
+    cuda_graph_capture, or the tests' CPU stand-in.
     """
 
     def __init__(self, step, optimizer: torch.optim.Optimizer, warmup: int = 3, capture=None):
@@ -306,8 +287,7 @@ def cuda_graph_capture(fn):
 def centre_view_outputs(fn, store, input_size: int, runtime: Runtime,
                         batch_size: int = 256) -> torch.Tensor:
     """fn(centre views) for every image of `store`, in order: (N, ...). Under torchrun each process
-    computes one contiguous share (the last padded with copies of the last image) and the shares
-    are gathered, so every process holds the same result."""
+    computes one share (the last padded) and every process gets all of them."""
     n, t0 = len(store), time.time()
     per = math.ceil(n / runtime.world_size)
     mine = torch.arange(runtime.rank * per, (runtime.rank + 1) * per, device=runtime.device)
@@ -350,8 +330,8 @@ def classify_top1(model, store, input_size: int, runtime: Runtime) -> float:
 
 
 def line_start() -> str:
-    """How a progress line begins: "\r" on a terminal (it overwrites the last one), a new line in a
-    file or pipe (where "\r" would run every line of an epoch together)."""
+    """"\r" on a terminal (a progress line overwrites the last), else a new line (in a file "\r"
+    would run an epoch's lines together)."""
     return "\r" if sys.stdout.isatty() else "\n"
 
 

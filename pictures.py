@@ -1,14 +1,7 @@
-"""Pictures of a run, Pillow only: the views the model sees (views.png) and the neighbours its
-features find (neighbours.png).
-
-S3L (Cao & Wu 2021, arXiv 2103.13559) learns from small, heavily augmented views (small
-resolution): views.png shows a few training images as stored beside the two views the first step
-receives, enlarged without smoothing so that a 32 px view stays visible. neighbours.png shows what
-the kNN evaluation's top-k are for a few seeded queries, each neighbour framed green (same class)
-or red. health.py draws the run's curves (health.png), study.py the study's plots.
-
-  cells     to_image, cell, framed, caption_strip
-  pictures  draw_views, draw_neighbours, neighbours_panel (a kNN's own top-k, from two stores)
+"""Pictures of a run, Pillow only: views.png, a few training images as stored beside the two views
+the first step receives (enlarged without smoothing: S3L's small resolution stays visible), and
+neighbours.png, the kNN evaluation's top-k for a few seeded queries, each neighbour framed green
+(same class) or red. health.py draws the run's curves, study.py the study's plots.
 """
 import textwrap
 

@@ -1,16 +1,7 @@
-"""The run folder of a training command: one run at a time, its records, its bookkeeping, and how it
-survives faults.
-
-Nothing here is specific to an SSL method; train.py's loops use it so that they can read like the
-paper (S3L, arXiv 2103.13559: every stage of its recipe is one such loop).
-
-  folder     lock_run_folder, unlock_run_folder (one run per folder), claim_run_folder (never mixed
-             with another run's results), new_run_id, folder_run_id, check_writable_folder
-  records    RunLog (config.json, log.jsonl, summary.json: always valid JSON), EpochMeter (loss
-             summed on the device, the progress line, non-finite losses caught), Interrupt
-             (SIGINT/SIGTERM end the current step, then the loop saves and exits)
-  a loop     epoch_order, Run: the bookkeeping of every training loop of train.py behind a handful
-             of calls (epochs, steps, batch, step_done, epoch_record, save_epoch)
+"""The run folder of a training command: one run at a time (a lock, a run id), records that are
+always valid JSON, the epoch meter, interrupts, and Run: the bookkeeping every loop of train.py
+shares, so that the loops read like the paper (S3L, arXiv 2103.13559). Nothing here is specific to
+a method.
 """
 import json
 import math
@@ -41,11 +32,8 @@ def check_writable_folder(path: str, flag: str) -> None:
 
 
 def lock_run_folder(save_dir: str) -> None:
-    """Take save_dir/.lock (pid and host inside), or exit if another live run holds it.
-
-    Two runs writing one folder would mix their checkpoints and logs. A lock left by a dead process
-    of this host is taken over with a message; leftover temporary files are removed.
-    """
+    """Take save_dir/.lock (pid and host inside), or exit if another live run holds it (two runs
+    would mix their files). A dead process's lock is taken over; leftover temp files removed."""
     check_writable_folder(save_dir, "--save-dir")
     path, me = os.path.join(save_dir, LOCK_NAME), f"{os.getpid()} {socket.gethostname()}"
     for _ in range(2):
@@ -161,9 +149,7 @@ class RunLog:
 
     def __init__(self, save_dir: str, config: dict, resume_epoch=None, writes: bool = True,
                  stop_diverging: bool = False, chance: float = None):
-        """stop_diverging: a loss over 100x the first epoch's stops the run (the supervised
-        stages); else a warning (pretraining, where BYOL's loss may rise and fall). chance: a
-        classifier's loss at chance, ln(classes): a first epoch far above it is warned about."""
+        """stop_diverging, chance: see check."""
         self.save_dir, self.first_loss, self.log_file = save_dir, None, None
         self.first_record, self.chance = True, chance
         self.stop_diverging = stop_diverging
@@ -185,9 +171,10 @@ class RunLog:
         print("config: " + json.dumps({k: v for k, v in config.items() if v is not None}))
 
     def check(self, record: dict) -> None:
-        """A loss over 10x the first epoch's: a warning; over 100x with stop_diverging, the end of
-        the run (exit status 1) before this epoch is saved. (The linear probe's lr 10 on raw
-        features swings by 1-30x between epochs and still converges once lr steps down.)"""
+        """A loss over 10x the first epoch's: a warning; over 100x with stop_diverging (the
+        supervised stages; BYOL's loss may rise and fall), the end of the run (exit status 1) before
+        this epoch is saved. A first epoch over 2x `chance` (a classifier's ln(classes)): a
+        warning. (The linear probe's lr 10 swings by 1-30x between epochs and still converges.)"""
         loss = record.get("loss")
         if loss is None or not math.isfinite(loss):
             return
@@ -195,9 +182,9 @@ class RunLog:
             self.first_loss = loss
             if self.chance and loss > 2 * self.chance:  # measured: 7.0 against 2.3 ends at chance
                 print(f"\nwarning: the first epoch's loss ({loss:.3g}) is "
-                      f"{loss / self.chance:.1f}x "
-                      f"the loss at chance (ln of the classes: {self.chance:.3g}): the learning "
-                      "rate is likely too high for this setup; try a 10x lower --lr")
+                      f"{loss / self.chance:.1f}x the loss at chance (ln of the classes: "
+                      f"{self.chance:.3g}): the learning rate is likely too high for this setup; "
+                      "try a 10x lower --lr")
             return
         ratio = abs(loss) / max(abs(self.first_loss), 1e-12)
         what = f"the loss ({loss:.4g}) is {ratio:.0f}x the first epoch's ({self.first_loss:.4g})"
@@ -244,8 +231,7 @@ class EpochMeter:
                  print_freq: int, device: torch.device, first_step: int = 0, sums=(0.0, 0.0),
                  causes: str = "the learning rate (--lr)", pace=(0, 0.0), seconds: float = 0.0):
         """first_step, sums, seconds: where an interrupted epoch stopped, its (loss sum, finite
-        count) and the seconds it had run. causes: this run's settings that can make a loss
-        non-finite, for the error. pace: (images, seconds) of this process's earlier epochs."""
+        count) and seconds. causes: for the error. pace: (images, seconds) of earlier epochs."""
         self.epoch, self.epochs, self.steps, self.batch_size = epoch, epochs, steps, batch_size
         self.images, self.print_freq, self.first_step = images, print_freq, first_step
         self.causes = causes
@@ -279,9 +265,8 @@ class EpochMeter:
         pace = (self.pace[0] + done) / (self.pace[1] + time.time() - self.t0)
         left = (self.epochs - self.epoch) * self.images - done - self.first_step * self.batch_size
         print(f"{devices.line_start()}epoch {self.epoch + 1}/{self.epochs} step {step + 1}/"
-              f"{self.steps} "
-              f"loss {loss_sum / max(finite, 1):.4f} lr {self.lr:.4g} {rate:.0f} img/s eta "
-              f"{left / pace / 60:.1f} min   ", end="", flush=True)
+              f"{self.steps} loss {loss_sum / max(finite, 1):.4f} lr {self.lr:.4g} {rate:.0f} "
+              f"img/s eta {left / pace / 60:.1f} min   ", end="", flush=True)
         return asked > 0
 
     def check(self, step: int, last_loss: float, finite: float) -> None:
@@ -296,16 +281,14 @@ class EpochMeter:
         self.finite_seen = finite
 
     def sums(self) -> tuple:
-        """(loss sum, finite count) so far, to store with an interrupted epoch's checkpoint; under
-        torchrun their means over the processes (a collective: every process calls it), which
-        any number of processes resumes from."""
+        """(loss sum, finite count) so far, for an interrupted epoch's checkpoint; under torchrun
+        their means over the processes (a collective: every process calls it)."""
         sums = torch.stack([self.loss_sum, self.finite])
         return tuple(devices.mean_over_processes(sums).tolist())
 
     def record(self) -> dict:
-        """The epoch's log record: the mean loss, the count of non-finite steps (the loss is then
-        NaN, written null, and the finite steps' mean is given beside it, never in its place), the
-        last lr, seconds, images/s."""
+        """The epoch's log record: mean loss, non-finite steps (the loss is then NaN, written
+        null, the finite steps' mean beside it, never in its place), last lr, seconds, images/s."""
         seconds = time.time() - self.t0
         loss_sum, finite = self.sums()
         done = (self.steps - self.first_step) * self.images / self.steps
@@ -321,9 +304,8 @@ class EpochMeter:
 
 class Interrupt:
     """A context in which SIGINT (Ctrl-C) and SIGTERM set `requested` instead of killing the
-    process, so the training loop can finish its step, write a checkpoint and exit. A second Ctrl-C
-    stops at once, unless repeat_stops=False: torchrun passes a Ctrl-C on to its processes, which
-    got it already. Leaving the context, by an exception too, restores the previous handlers."""
+    process, so the loop can finish its step, save and exit. A second Ctrl-C stops at once, unless
+    repeat_stops=False (torchrun passes a Ctrl-C on to its processes, which got it already)."""
 
     def __init__(self, repeat_stops: bool = True):
         self.requested, self.repeat_stops, self.previous = False, repeat_stops, {}
@@ -369,16 +351,11 @@ class Run:
                 ...evaluation into record...
                 run.save_epoch(record)             # finite weights, checkpoint, log line
 
-    It holds the run log (config.json, log.jsonl), the TrainState, where the run starts (resumed,
-    mid-epoch too: the step, random states and loss sums), each epoch's order and the views'
-    generator, the meter, the interrupt, and this stage's record for cost accounting. A loop
-    resumed mid-epoch draws exactly what the uninterrupted one drew.
-
-    resumed: the --resume checkpoint or None. fields: what every checkpoint carries (kind, config,
-    backbone, train_files). stages: the pipeline's earlier stages; stage: this one's record (epochs,
-    macs_per_image, images_per_epoch, ...; wall_s is added). results: values that the checkpoints
-    carry and save_epoch updates (the supervised stages' test top-1). order_device: where each
-    epoch's order lies (the store's index_device: a store in host memory takes host indices).
+    A loop resumed mid-epoch draws exactly what the uninterrupted one drew. resumed: the --resume
+    checkpoint or None. fields: what every checkpoint carries (kind, config, backbone, train_files).
+    stages: the pipeline's earlier stages; stage: this one's record for cost accounting (wall_s is
+    added). results: values the checkpoints carry and save_epoch updates (test top-1).
+    order_device: where each epoch's order lies (the store's index_device).
     """
 
     def __init__(self, runtime: devices.Runtime, state: checkpoints.TrainState, log: RunLog,
@@ -387,10 +364,10 @@ class Run:
                  stage: dict, results: dict = None, causes: str = "the learning rate (--lr)",
                  order_device: torch.device = None):
         self.runtime, self.state, self.log, self.causes = runtime, state, log, causes
-        self.save_dir, self.save_every, self.seed, self.print_freq = (save_dir, save_every, seed,
-                                                                      print_freq)
-        self.num_epochs, self.num_steps, self.batch_size, self.images = (epochs, steps,
-                                                                         batch_size, images)
+        self.save_dir, self.save_every, self.seed, self.print_freq = save_dir, save_every, seed, \
+            print_freq
+        self.num_epochs, self.num_steps, self.batch_size, self.images = epochs, steps, batch_size, \
+            images
         self.fields, self.stages, self.stage = fields, stages, stage
         self.order_device = order_device or runtime.device  # the store's index_device
         self.results = dict(results or {})
@@ -415,8 +392,8 @@ class Run:
         self.interrupt.__exit__(*exc)
 
     def epochs(self):
-        """The epochs left, from 0 or --resume's; each gets its seeded order and a meter (an
-        interrupted epoch continues its random streams and loss sums)."""
+        """The epochs left; each gets its seeded order and a meter (an interrupted epoch continues
+        its random streams and loss sums)."""
         for epoch in range(self.start["epoch"], self.num_epochs):
             self.epoch = epoch
             # reseeded from (seed, epoch): an epoch boundary needs no random state in a checkpoint
@@ -427,13 +404,12 @@ class Run:
                 checkpoints.set_random_states(self.generator, self.start["rng"])
             if self.loop_t0 is None:
                 self.loop_t0 = time.time()
-            pace = (self.trained, time.time() - self.loop_t0)
+            start = (self.start["step"], self.start["sums"]) if inside else (0, (0.0, 0.0))
             self.meter = EpochMeter(epoch, self.num_epochs, self.num_steps, self.batch_size,
                                     self.stage["images_per_epoch"], self.print_freq,
-                                    self.runtime.device, *((self.start["step"],
-                                                            self.start["sums"]) if inside else
-                                                           (0, (0.0, 0.0))), causes=self.causes,
-                                    pace=pace, seconds=self.start["epoch_s"] if inside else 0.0)
+                                    self.runtime.device, *start, causes=self.causes,
+                                    pace=(self.trained, time.time() - self.loop_t0),
+                                    seconds=self.start["epoch_s"] if inside else 0.0)
             yield epoch
             self.trained += (self.num_steps - self.meter.first_step) * self.batch_size
 
@@ -445,10 +421,9 @@ class Run:
         return self.order[step * self.batch_size:(step + 1) * self.batch_size]
 
     def step_done(self, step: int, loss: torch.Tensor, lr: float) -> None:
-        """Count the step's loss (read back every print_freq steps). After Ctrl-C or SIGTERM: save
-        the interrupted epoch (the step, loss sums and random states), say how to continue, exit
-        130 (SIGINT) or 143 (SIGTERM). Under torchrun every process stops after the same step
-        (EpochMeter.add)."""
+        """Count the step's loss. After Ctrl-C or SIGTERM (every process after the same step:
+        EpochMeter.add): save the interrupted epoch (step, loss sums, random states), say how to
+        continue, exit 130 (SIGINT) or 143 (SIGTERM)."""
         if not self.meter.add(step, loss, lr, stop=self.interrupt.requested):
             return
         # meter.sums() is a collective: every process calls it, before rank 0 writes
@@ -477,8 +452,8 @@ class Run:
         self.log.record(record)
 
     def save(self, epoch: int, **extra) -> None:
-        """checkpoint.pt (rank 0 only) after `epoch` complete epochs, and every save_every epochs a
-        numbered copy as the official code keeps (checkpoint_0020.pt, ...)."""
+        """checkpoint.pt (rank 0) after `epoch` epochs; every save_every a numbered copy, as the
+        official code keeps (checkpoint_0020.pt, ...)."""
         if not self.runtime.is_main:
             return
         ckpt = self.state.checkpoint(epoch, **self.fields, stages=self.all_stages(),

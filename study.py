@@ -562,13 +562,6 @@ def subset_spec(text: str) -> str:
     return text.replace("+", ",")
 
 
-def save_json(path: str, obj) -> None:
-    """Write JSON atomically (NaN as null): a killed study never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(checkpoints.json_safe(obj), f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 # what defines the arms' results; grids, arms, evaluations and seeds may be added to a study folder
 DEFINING = ("data", "full_size", "small_size", "method", "epochs", "stage2_epochs", "eval_epochs",
             "subsets", "budget_pflops", "stage_args", "method_args")
@@ -587,7 +580,7 @@ def check_study_folder(s: dict) -> None:
         if differ:
             raise SystemExit(f"study: {s['save_dir']} holds a study with other settings ("
                              + "; ".join(differ) + "): use another --save-dir, or the same flags")
-    save_json(path, mine)
+    checkpoints.write_json(path, mine)
 
 
 def main(argv: list) -> dict:
@@ -633,7 +626,7 @@ def main(argv: list) -> dict:
 def write_report(s: dict, records: list) -> tuple:
     """results.json, results.md and the plots of the arms run so far: (rows, plot paths)."""
     rows = summarise(records, s["eval"])
-    save_json(os.path.join(s["save_dir"], "results.json"),
+    checkpoints.write_json(os.path.join(s["save_dir"], "results.json"),
               dict(settings=s, arms=rows, runs=records))
     with open(os.path.join(s["save_dir"], "results.md"), "w") as f:
         f.write(results_markdown(rows, s["eval"], records, s))
