@@ -130,7 +130,7 @@ def runtime_for(args) -> devices.Runtime:
     """The device, precision and processes every stage of the recipe (paper map) runs with, from
     the flags (setup_device); --sync-bn checked against the device."""
     runtime = devices.setup_device(args.device, args.amp, args.channels_last, args.tf32,
-                           getattr(args, "decode_timeout", 360.0))
+                                   getattr(args, "decode_timeout", 360.0))
     if getattr(args, "sync_bn", False) and runtime.device.type != "cuda":
         raise SystemExit("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm has no CPU kernel")
     check_cuda_graphs(args, runtime)  # before any work, not once the run has started
@@ -230,11 +230,9 @@ def add_pretrain_parser(commands) -> None:
     p.add_argument("--solarize-p", type=number(float, 0, 1), default=0.0,
                    help="solarisation probability (BYOL paper's recipe; the S3L code uses none)")
     add_optim_args(p)
-    p.add_argument("--warmup-epochs", type=number(float, 0),
-                   help="linear warm-up from lr 0.01, per iteration "
-                   "(default: 10 for SimCLR and BYOL when the batch exceeds "
-                   f"{s3l.WARMUP_MIN_BATCH}, "
-                   "else 0)")
+    p.add_argument("--warmup-epochs", type=number(float, 0), help="linear warm-up from lr 0.01, "
+                   "per iteration (default: 10 for SimCLR and BYOL when the batch exceeds "
+                   f"{s3l.WARMUP_MIN_BATCH}, else 0)")
     p.add_argument("--init-from", help="multi-stage resolution: continue from this earlier stage's "
                    "checkpoint at the new --input-size, with a fresh optimizer and schedule")
     p.add_argument("--health", action=argparse.BooleanOptionalAction, default=True, help="label-"
@@ -280,9 +278,8 @@ def add_supervised_parsers(commands) -> None:
                            "from-scratch baseline trains without it)")
             p.add_argument("--mixup-alpha", type=POSITIVE, default=1.0, help="lambda ~ Beta(a, a)")
             p.add_argument("--bn-batch", type=number(int, 0), help="images per BatchNorm group, "
-                           "emulating the official 4 GPUs (default: "
-                           f"{s3l.FINETUNE_BN_BATCH}, at most "
-                           "a process's batch); 0: the whole batch of a process")
+                           f"emulating the official 4 GPUs (default: {s3l.FINETUNE_BN_BATCH}, at "
+                           "most a process's batch); 0: the whole batch of a process")
             add_sync_bn_arg(p)
         if name == "warmup-conv5":
             p.add_argument("--frozen-bn-eval", action="store_true", help="keep the BN layers of "

@@ -71,13 +71,9 @@ class Architecture:
 
 
 def resolve_architecture(args, state=None, input_size=None) -> Architecture:
-    """--arch, --small-stem, --conv5 and --input-size, checked against a checkpoint's backbone.
-
-    state: a backbone state_dict or None. Without one: the flags, else the paper's ResNet-50 with
-    conv5 and ImageNet stem. With one: its architecture read off its keys and shapes (a flag that
-    contradicts it exits), conv5 as the checkpoint unless --conv5/--no-conv5 says otherwise.
-    input_size: the size to use when --input-size is unset (kNN: the checkpoint's).
-    """
+    """--arch, --small-stem, --conv5 and --input-size (unset: `input_size`, else 224). Without a
+    backbone state_dict `state`: the flags, else the paper's ResNet-50. With one: its architecture
+    (a flag that contradicts it exits), conv5 as the checkpoint's unless --conv5/--no-conv5."""
     size = args.input_size or input_size or 224
     if state is None:
         return Architecture(args.arch or "resnet50", args.conv5 is not False,
@@ -115,11 +111,8 @@ def run_log(args, runtime: devices.Runtime, architecture: Architecture, resumed=
 def open_run(args, runtime, *, architecture: Architecture, model, params, resumed, train_store,
              stages: list, steps: int, stage: dict, results: dict = None) -> runs.Run:
     """The bookkeeping of a training loop (runs.Run) from the flags: the run log, SGD on `params`
-    with the gradient scaler, restored from the --resume checkpoint `resumed` once it is checked to
-    be this run's (checkpoints.check_resume), or fresh. stage: this stage's record for cost
-    accounting
-    (study.py): epochs, macs_per_image (models.macs), images_per_epoch, and what else describes it.
-    """
+    with the gradient scaler, restored from `resumed` once checkpoints.check_resume finds it this
+    run's. stage: this stage's record for cost accounting (epochs, macs_per_image, ...)."""
     if resumed:
         checkpoints.check_resume(args.resume, resumed, vars(args), train_store.paths,
                           world_size=runtime.world_size, force=args.force_resume)
@@ -134,8 +127,7 @@ def open_run(args, runtime, *, architecture: Architecture, model, params, resume
     # far above it by design and still converges (README)
     classes = len(train_store.classes) if args.command in ("finetune", "warmup-conv5") else 0
     return runs.Run(runtime, state, run_log(args, runtime, architecture, resumed, run_id, classes),
-                    resumed,
-                    save_dir=args.save_dir, save_every=args.save_every, seed=args.seed,
+                    resumed, save_dir=args.save_dir, save_every=args.save_every, seed=args.seed,
                     epochs=args.epochs, steps=steps, batch_size=args.batch_size, stages=stages,
                     images=len(train_store), print_freq=args.print_freq, fields=fields,
                     stage=dict(command=args.command, **asdict(architecture), **stage),
@@ -391,11 +383,10 @@ def train_ssl(args, runtime, run: runs.Run, *, method, train_store, augmenter, k
 # ----- supervised stages: fine-tuning, the conv5 warm-up, the linear probe ------------------------
 
 def supervised_setup(args, build_conv5=None):
-    """The common start of finetune, warmup-conv5, linear and knn: the --pretrained backbone (its
-    arch read off it), the device, the labelled splits, and a seeded ResNet with one output per
-    class. build_conv5: True builds layer4 whatever the checkpoint (fine-tuning trains the full
-    network); None builds what the flags and checkpoint say.
-    Returns (runtime, backbone, train_store, test_store, net, the checkpoint's earlier stages)."""
+    """The common start of finetune, warmup-conv5, linear and knn: the --pretrained backbone, the
+    device, the labelled splits, a seeded ResNet with one output per class (build_conv5=True: with
+    layer4 whatever the checkpoint). Returns (runtime, architecture, train_store, test_store, net,
+    the checkpoint's earlier stages)."""
     ckpt, state = checkpoints.read_backbone(args.pretrained)
     ckpt_size = checkpoints.trained_input_size(ckpt, args.pretrained) if ckpt else None
     # kNN, and every stage on the built-in data (no --data), at the checkpoint's size by default
@@ -473,12 +464,10 @@ def linear(args) -> dict:
 def train_classifier(args, runtime, *, architecture: Architecture, net, model, params, train_store,
                      test_store, stages: list, frozen_bn: list, mixup_alpha) -> dict:
     """The supervised loop of finetune, warmup-conv5 and the official linear probe: per step, the
-    official train view of a batch (Resize -> RandomCrop, or RandomResizedCrop, + flip), cross-
-    entropy (mixup: one lambda a batch, pairs within a process's share), SGD (supervised_step);
-    per epoch, test top-1 of centre views. net: the module checkpointed; model: what runs it
-    (compiled or not); params: what SGD trains; frozen_bn: modules kept in eval mode. Reports the
-    final-epoch top-1 and the best epoch's, labelled as chosen on the test split (optimistic; the
-    official code reports it)."""
+    official train view of a batch, cross-entropy (with mixup: one lambda a batch), SGD
+    (supervised_step); per epoch, test top-1 of centre views. net: the module checkpointed; model:
+    what runs it; params: what SGD trains; frozen_bn: modules kept in eval mode. Reports the final
+    top-1 and the best epoch's, labelled as chosen on the test split (the official code's)."""
     resumed = checkpoints.resume_checkpoint(args.resume, args.command, epochs=args.epochs)
     best = resumed["best"] if resumed else dict(test_top1=None, epoch=None)
     acc = resumed["test_top1"] if resumed else None
@@ -515,10 +504,9 @@ def train_classifier(args, runtime, *, architecture: Architecture, net, model, p
 
 def classifier_batch(train_store: data.ImageStore, idx: torch.Tensor, generator, runtime,
                      input_size: int, random_resized_crop: bool = False):
-    """This process's share of the supervised batch `idx` (of all processes) as the official train
-    transform makes it (Resize -> RandomCrop + flip; paper map: fine-tuning), and its labels.
-    The crops of the whole batch are drawn, as in train_ssl: the same views for any number of
-    processes. Returns (x (n, 3, input_size, input_size) as the model wants it, y (n,))."""
+    """This process's share of the batch `idx` as the official train transform makes it (Resize ->
+    RandomCrop, or RandomResizedCrop, + flip; the whole batch's crops drawn, as in pretrain_views).
+    Returns (x (n, 3, input_size, input_size) as the model wants it, y (n,))."""
     mine = runtime.share(idx)
     images, _ = train_store.batch(mine, runtime.device)
     crops = augment.finetune_train_params(train_store.sizes_of(idx), input_size, generator,
@@ -529,9 +517,8 @@ def classifier_batch(train_store: data.ImageStore, idx: torch.Tensor, generator,
 
 
 def best_top1(best: dict, acc: float, epoch: int) -> dict:
-    """The best test top-1 so far and its epoch, after top-1 `acc` in epoch `epoch` (from 0): the
-    number the official fine-tuning code reports (paper map), logged beside the final-epoch one and
-    labelled as chosen on the test split."""
+    """The best test top-1 so far and its epoch (from 1), after `acc` in epoch `epoch` (from 0):
+    what the official fine-tuning code reports, logged beside the final-epoch one."""
     if best["test_top1"] is None or acc > best["test_top1"]:
         return dict(test_top1=round(acc, 2), epoch=epoch + 1)
     return best
