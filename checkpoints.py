@@ -315,9 +315,9 @@ def resume_checkpoint(path, command: str, method: str = None, epochs: int = None
     ckpt = read_checkpoint(path)
     kind, config = ckpt.get("kind"), ckpt.get("config", {})
     if ckpt.get("format") != "s3l" or "optimizer" not in ckpt:
-        raise SystemExit(f"--resume {path} is not a training checkpoint of s3l (an export, "
-                         "a linear probe on cached features or another project's file): pass it as "
-                         "--pretrained to finetune, warmup-conv5, linear or knn")
+        raise SystemExit(f"--resume {path} is not a training checkpoint of s3l (an export or "
+                         "another project's file): pass it as --pretrained to finetune, "
+                         "warmup-conv5, linear or knn")
     if kind != command or config.get("method") != method:
         what = f"{kind} --method {config['method']}" if config.get("method") else kind
         raise SystemExit(f"--resume {path} is a checkpoint of `train.py {what}`: resume it "

@@ -418,6 +418,30 @@ def test_stages_without_data_run_on_the_built_in_shapes_at_the_checkpoints_size(
     assert json.load(open(tmp / "linear-builtin" / "summary.json"))["input_size"] == 16
 
 
+def test_the_cached_feature_probe_resumes_where_the_uninterrupted_one_ends(pretrained_run,
+                                                                          capsys):
+    """linear --cached-features is a run like the others (runs.Run): one epoch, then --resume to
+    two, trains epoch 2 only and gives the two-epoch probe's fc and log bit for bit (the lr steps
+    at 10 and 20 lie beyond both, so --epochs changes nothing else)."""
+    tmp, _ = pretrained_run
+    ckpt = str(tmp / "full" / "checkpoint.pt")
+
+    def probe(save, *extra):
+        train.main(["linear", "--pretrained", ckpt, "--cached-features", "--batch-size", "256",
+                    "--save-dir", str(tmp / save), *extra])
+        return tmp / save
+    whole = probe("probe-2", "--epochs", "2")
+    part = probe("probe-1", "--epochs", "1")
+    capsys.readouterr()
+    probe("probe-1", "--epochs", "2", "--resume", str(part / "checkpoint.pt"), "--force-resume")
+    out = capsys.readouterr().out
+    assert "epoch 2/2" in out and "epoch 1/2" not in out, out
+    assert same_weights(whole / "checkpoint.pt", part / "checkpoint.pt")
+    logs = [[json.loads(line) for line in open(d / "log.jsonl")] for d in (whole, part)]
+    assert [(r["loss"], r["test_top1"]) for r in logs[0]] == \
+        [(r["loss"], r["test_top1"]) for r in logs[1]]
+
+
 def test_warmup_trains_only_conv5_and_fc(pretrained_run):
     """conv1-4 come from the small-architecture checkpoint and stay bit-identical; layer4 and fc
     move."""

@@ -527,43 +527,34 @@ def best_top1(best: dict, acc: float, epoch: int) -> dict:
 def linear_on_cached_features(args, runtime, *, architecture: Architecture, net, train_store,
                               test_store, stages: list) -> dict:
     """The fast probe: centre-crop features of both splits computed once, then the fc trained on
-    them with the probe's schedule (full-batch epochs of minibatches, no augmentation)."""
-    log, t0 = run_log(args, runtime, architecture), time.time()
+    them with the probe's schedule and no augmentation, in a run like the others (runs.Run)."""
+    resumed = checkpoints.resume_checkpoint(args.resume, args.command, epochs=args.epochs)
+    best = resumed["best"] if resumed else dict(test_top1=None, epoch=None)
+    acc = resumed["test_top1"] if resumed else None
+    stage = dict(epochs=args.epochs, images_per_epoch=len(train_store), cached_features=True,
+                 macs_per_image=models.macs(architecture.build(), architecture.input_size))
+    run = open_run(args, runtime, architecture=architecture, model=net, resumed=resumed,
+                   params=list(net.fc.parameters()), train_store=train_store, stages=stages,
+                   steps=math.ceil(len(train_store) / args.batch_size), stage=stage,
+                   results=dict(best=best, test_top1=acc))
     feats = [devices.extract_features(net, s, architecture.input_size, runtime, normalize=False)
-             for s in (train_store, test_store)]
-    optimizer = runtime.sgd(net.fc.parameters(), args.lr, args.momentum, args.weight_decay)
-    n, bs = len(train_store), args.batch_size
-    best, acc = dict(test_top1=None, epoch=None), None
-    for epoch in range(args.epochs):
-        order = runs.epoch_order(args.seed, epoch, n, generator=torch.Generator(),
-                                 device=runtime.device)
-        lr = s3l.lr_at(epoch, args.epochs, args.lr, steps=args.lr_steps)
-        s3l.set_lr(optimizer, lr)
-        loss_sum = torch.zeros((), device=runtime.device)
-        for start in range(0, n, bs):
-            idx = order[start:start + bs]
-            loss = F.cross_entropy(net.fc(feats[0][idx]), train_store.labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-        with torch.no_grad():
-            acc = 100.0 * (net.fc(feats[1]).argmax(1) == test_store.labels).float().mean().item()
-        best = best_top1(best, acc, epoch)
-        log.record(dict(epoch=epoch + 1, loss=loss_sum.item() / math.ceil(n / bs), lr=lr,
-                        test_top1=round(acc, 2)))
-    wall = time.time() - t0
-    macs = models.macs(architecture.build(), architecture.input_size)
-    stages = stages + [dict(command=args.command, **asdict(architecture), wall_s=round(wall, 1),
-                            epochs=args.epochs, macs_per_image=macs, images_per_epoch=n,
-                            cached_features=True)]
-    if runtime.is_main:  # every process trained the same fc on the same gathered features
-        checkpoints.save_checkpoint(os.path.join(args.save_dir, "checkpoint.pt"), dict(
-            format="s3l", kind=args.command, model=net.state_dict(), epoch=args.epochs,
-            wall_s=wall, config=vars(args), architecture=asdict(architecture), stages=stages,
-            best=best, test_top1=acc))
-    return finish_supervised(args, log, runtime, architecture=architecture, acc=acc, best=best,
-                             stages=stages)
+             for s in (train_store, test_store)]  # every process: all of them, in order
+    with run:
+        for epoch in run.epochs():
+            lr = s3l.lr_at(epoch, args.epochs, args.lr, steps=args.lr_steps)
+            s3l.set_lr(run.state.optimizer, lr)
+            for step in run.steps():
+                idx = run.batch(step)
+                loss = F.cross_entropy(net.fc(feats[0][idx]), train_store.labels_of(idx))
+                run.step_done(step, sgd_step(run.state, loss), lr)
+            record = run.epoch_record()
+            with torch.no_grad():
+                predicted = net.fc(feats[1]).argmax(1)
+            acc = 100.0 * (predicted == test_store.labels).float().mean().item()
+            record["test_top1"], best = round(acc, 2), best_top1(best, acc, epoch)
+            run.save_epoch(record, best=best, test_top1=acc)
+    return finish_supervised(args, run.log, runtime, architecture=architecture, acc=acc, best=best,
+                             stages=run.all_stages())
 
 
 def finish_supervised(args, log, runtime, *, architecture: Architecture, acc: float, best: dict,
