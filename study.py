@@ -256,19 +256,13 @@ def read_log(folder: str) -> dict:
     """Per-epoch pretraining loss, kNN monitor, effective rank (health.py) and seconds from
     log.jsonl: {"loss": [...], "knn": [[epoch, top-1], ...], "rank": [[epoch, rank], ...],
     "epoch_s": [...]}."""
-    loss, knn, rank, seconds = [], [], [], []
     with open(os.path.join(folder, "log.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "epoch" in rec and "loss" in rec:
-                loss.append(rec["loss"])
-                if rec.get("knn_top1") is not None:
-                    knn.append([rec["epoch"], rec["knn_top1"]])
-                if rec.get("rank") is not None:
-                    rank.append([rec["epoch"], rec["rank"]])
-                if rec.get("epoch_s") is not None:
-                    seconds.append(rec["epoch_s"])
-    return dict(loss=loss, knn=knn, rank=rank, epoch_s=seconds)
+        epochs = [r for r in map(json.loads, f) if "epoch" in r and "loss" in r]
+
+    def pairs(key):
+        return [[r["epoch"], r[key]] for r in epochs if r.get(key) is not None]
+    return dict(loss=[r["loss"] for r in epochs], knn=pairs("knn_top1"), rank=pairs("rank"),
+                epoch_s=[r["epoch_s"] for r in epochs if r.get("epoch_s") is not None])
 
 
 # ----- cost accounting --------------------------------------------------------------------------
