@@ -364,10 +364,9 @@ class Run:
                  stage: dict, results: dict = None, causes: str = "the learning rate (--lr)",
                  order_device: torch.device = None):
         self.runtime, self.state, self.log, self.causes = runtime, state, log, causes
-        self.save_dir, self.save_every, self.seed, self.print_freq = save_dir, save_every, seed, \
-            print_freq
-        self.num_epochs, self.num_steps, self.batch_size, self.images = epochs, steps, batch_size, \
-            images
+        self.save_dir, self.save_every, self.seed = save_dir, save_every, seed
+        self.print_freq, self.num_epochs, self.num_steps = print_freq, epochs, steps
+        self.batch_size, self.images = batch_size, images
         self.fields, self.stages, self.stage = fields, stages, stage
         self.order_device = order_device or runtime.device  # the store's index_device
         self.results = dict(results or {})
